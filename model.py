@@ -1,0 +1,246 @@
+"""
+A small GPT (nanoGPT's GPT-2 layout) with an explicit exit head after every layer.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=15))
+    logits, exits, attns = model(idx, exit_layers=(2,), attn_layers=(2, 4))
+
+Layers are numbered 1..n_layer: "layer l" is the residual stream after block l, and the "exit head" of
+layer l reads the next token off it: its own LayerNorm, then the shared (tied) unembedding. The exit
+head of layer n_layer is the model's ordinary head (ln_f, lm_head). With exit_norm='ln_f' every exit
+uses ln_f instead of a norm of its own: the plain logit lens.
+
+Attention probabilities are formed explicitly only for the layers asked for; every other layer keeps
+the fused scaled_dot_product_attention kernel. generate() samples a batch with a KV cache.
+There is no dropout anywhere: RL needs the sampled policy and the trained policy to be the same function.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 15
+    block_size: int = 32      # longest sequence (prompt + completion)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    exit_norm: str = "own"    # 'own': a LayerNorm per exit head; 'ln_f': all exits share ln_f (logit lens)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+
+    def forward(self, x, kv=None, need_attn=False):
+        """x: (B, T, C). kv: this layer's slice of a KVCache, or None.
+        Returns y (B, T, C) and, if need_attn, the attention probabilities (B, nh, T, T_keys)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, nh, T_keys, hs): the cached keys/values followed by the new ones
+        # a multi-token call starts at position 0 (training, or the prefill), so it is plainly causal;
+        # a one-token decode step may look at every cached key
+        causal = T > 1
+        if need_attn:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_keys)
+            if causal:
+                future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+                att = att.masked_fill(future, float("-inf"))
+            att = att.softmax(dim=-1)
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            att = None
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y), att
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv=None, need_attn=False):
+        y, att = self.attn(self.ln_1(x), kv, need_attn)
+        x = x + y
+        x = x + self.mlp(self.ln_2(x))
+        return x, att
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: (n_layer, B, nh, max_len, hs) each.
+    Layer i's view appends at position `pos`; `pos` moves on once all layers have appended."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def layer(self, i):
+        return _LayerKV(self, i)
+
+    def repeat_interleave(self, n):
+        """Copy each row n times: the prompt is prefilled once and shared by its n samples."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
+
+class _LayerKV:
+
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def append(self, k, v):
+        c, start, end = self.cache, self.cache.pos, self.cache.pos + k.size(2)
+        c.k[self.i, :, :, start:end] = k
+        c.v[self.i, :, :, start:end] = v
+        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.exit_norm not in ("own", "ln_f"):
+            raise ValueError(f"exit_norm must be 'own' or 'ln_f', got {config.exit_norm!r}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied unembedding, as in GPT-2
+        # exit_ln[l-1] is the norm of layer l's exit head, l = 1..n_layer-1 (layer n_layer's is ln_f)
+        if config.exit_norm == "own":
+            self.exit_ln = nn.ModuleList(nn.LayerNorm(config.n_embd) for _ in range(config.n_layer - 1))
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def reset_exit_heads(self):
+        """Set every exit norm equal to ln_f, so each exit starts as the logit lens of its layer."""
+        if self.config.exit_norm == "own":
+            with torch.no_grad():
+                for ln in self.exit_ln:
+                    ln.load_state_dict(self.transformer.ln_f.state_dict())
+
+    def exit_logits(self, x, layer):
+        """x: (B, T, C) residual stream after block `layer` (1..n_layer) -> (B, T, vocab)."""
+        last = layer == self.config.n_layer or self.config.exit_norm == "ln_f"
+        norm = self.transformer.ln_f if last else self.exit_ln[layer - 1]
+        return self.lm_head(norm(x))
+
+    def forward(self, idx, exit_layers=(), attn_layers=(), cache=None, stop_layer=None):
+        """
+        idx: (B, T) token ids; with a cache they sit at positions cache.pos .. cache.pos+T-1.
+        exit_layers: layers (1..n_layer) whose exit-head logits to return.
+        attn_layers: layers whose attention probabilities to return; only these skip the fused kernel.
+        stop_layer: run blocks 1..stop_layer only and use that layer's exit head (early exit).
+        Returns logits (B, T, vocab) of the last layer run, exits {l: (B, T, vocab)}, attns {l: (B, nh, T, T_keys)}.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        stop_layer = stop_layer or self.config.n_layer
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        exits, attns = {}, {}
+        for layer in range(1, stop_layer + 1):
+            kv = cache.layer(layer - 1) if cache is not None else None
+            x, att = self.transformer.h[layer - 1](x, kv, need_attn=layer in attn_layers)
+            if att is not None:
+                attns[layer] = att
+            if layer in exit_layers:
+                exits[layer] = self.exit_logits(x, layer)
+        if cache is not None:
+            cache.pos += T
+        logits = exits[stop_layer] if stop_layer in exits else self.exit_logits(x, stop_layer)
+        return logits, exits, attns
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, num_samples=1, eos_id=None,
+                 generator=None, exit_layer=None, use_cache=True):
+        """
+        Sample num_samples completions of each prompt, all rows in one batch.
+        idx: (B, P) prompts of equal length. temperature 0 is greedy.
+        exit_layer: sample from that layer's exit head, running only blocks 1..exit_layer.
+        use_cache=False re-runs the whole prefix every step (the naive loop, for comparison).
+        Returns tokens (B*num_samples, P+R) and the log-probabilities at the sampling temperature
+        of the R sampled tokens (B*num_samples, R); sample j of prompt b is row b*num_samples+j.
+        A row that has emitted eos_id keeps emitting it; R < max_new_tokens once every row is done.
+        """
+        B, P = idx.shape
+        n_layer = exit_layer or self.config.n_layer
+        cache = None
+        if use_cache:
+            hs = self.config.n_embd // self.config.n_head
+            cache = KVCache(n_layer, B, self.config.n_head, P + max_new_tokens, hs, idx.device,
+                            self.transformer.wte.weight.dtype)
+        logits = self(idx, cache=cache, stop_layer=n_layer)[0][:, -1]  # (B, vocab): the prompt, run once
+        if use_cache:
+            cache.repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)  # (N, vocab), N = B*num_samples
+        seq = idx.repeat_interleave(num_samples, dim=0)  # (N, P)
+        done = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
+        logprobs = []
+        for _ in range(max_new_tokens):
+            logits = logits.float()
+            if temperature == 0:
+                logp = F.log_softmax(logits, dim=-1)
+                tok = logits.argmax(dim=-1)
+            else:
+                logp = F.log_softmax(logits / temperature, dim=-1)
+                tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
+            if eos_id is not None:
+                tok = tok.masked_fill(done, eos_id)
+                done = done | (tok == eos_id)
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))
+            if eos_id is not None and bool(done.all()):
+                break
+            if use_cache:
+                logits = self(tok[:, None], cache=cache, stop_layer=n_layer)[0][:, -1]
+            else:
+                logits = self(seq, stop_layer=n_layer)[0][:, -1]
+        return seq, torch.stack(logprobs, 1)

@@ -1,0 +1,566 @@
+"""
+OISD: On-Policy Internal Self-Distillation (arXiv 2605.29089), at a scale a laptop can run.
+
+    python oisd.py                       # warm-up, then GRPO vs GRPO+OISD vs GRPO+OISD(positive), ~3 min on 2 CPU cores
+    python oisd.py --task=chain --rl_steps=500 --arms=grpo,oisd
+    python oisd.py --bench               # seconds per RL step, split by phase, GRPO vs GRPO+OISD
+
+Stage 1 (warm-up): supervised next-token training on worked solutions, stopped as soon as greedy accuracy
+on a small validation set reaches sft_target_acc, so the policy is partly right and RL has work to do.
+Stage 2 (RL): GRPO on the final layer, plus OISD's two terms, which pull a chosen intermediate layer's
+exit distribution and attention pattern toward the final layer's (a detached teacher), weighted per
+rollout by its GRPO advantage:
+
+    L = L_GRPO + lambda_logit * L_logit + lambda_attn * L_attn
+
+Every arm starts from the same warm-up checkpoint with the same seed, prompts and step budget.
+Simplifications, stated up front: prompts of a task all have the same length (no left padding); the
+reward is 0/1 exact match; one optimizer step per rollout batch unless num_iterations > 1; old
+log-probabilities are the sampler's own, recorded at rollout time.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+from tasks import EOS, get_tokenizer, heldout_split, make_task, sample_problems
+
+
+@dataclass
+class Config:
+    # run
+    out_dir: str = "out"
+    seed: int = 0
+    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    compile: bool = False          # torch.compile the training forward (GPU)
+    arms: str = "grpo,oisd,oisd_pos"  # which arms to train, names from ARMS below
+    resume: bool = False           # continue each arm from its checkpoint in out_dir
+    bench: bool = False            # time RL steps instead of training (see bench())
+    # task
+    task: str = "add"              # add | chain
+    digits: int = 3                # digits per operand
+    terms: int = 3                 # operands of the chain task
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    exit_norm: str = "own"         # own: each exit head has its own LayerNorm | ln_f: logit lens
+    # stage 1: supervised warm-up
+    sft_lr: float = 1e-3
+    sft_batch: int = 64
+    sft_target_acc: float = 0.3    # stop once validation greedy accuracy reaches this
+    sft_max_steps: int = 3000
+    sft_eval_every: int = 20
+    # stage 2: GRPO
+    rl_steps: int = 300
+    prompts_per_step: int = 16
+    group_size: int = 8            # G rollouts per prompt
+    temperature: float = 1.0       # sampling temperature; log-probs are taken at the same temperature
+    max_new_tokens: int = 0        # 0: the task's completion length + 2
+    rl_lr: float = 1e-4
+    clip_eps: float = 0.2
+    num_iterations: int = 1        # optimizer steps per rollout batch
+    kl_beta: float = 0.0           # k3 KL to the frozen warm-up model
+    scale_advantages: bool = True  # divide by the group's reward std (GRPO); False: Dr. GRPO
+    loss_reduction: str = "token"  # token: mean over all response tokens | sequence: per-sequence mean, then mean
+    grad_clip: float = 1.0
+    # OISD
+    align_layers: str = "2"        # intermediate layer(s) taught by the final layer, comma-separated, 1..n_layer-1
+    lambda_logit: float = 1.0
+    lambda_attn: float = 0.1
+    adv_weighting: str = "signed"  # signed: A | positive: max(A, 0) | abs: |A| | none: 1
+    # evaluation and logging
+    eval_every: int = 50
+    eval_size: int = 500           # held-out problems evaluated (the first eval_size of 500)
+    log_every: int = 25
+    ckpt_every: int = 50
+
+
+# Each arm is the config with these fields replaced.
+ARMS = {
+    "grpo": dict(lambda_logit=0.0, lambda_attn=0.0),
+    "oisd": dict(adv_weighting="signed"),
+    "oisd_pos": dict(adv_weighting="positive"),
+    "oisd_abs": dict(adv_weighting="abs"),
+    "oisd_none": dict(adv_weighting="none"),
+    "logit_only": dict(adv_weighting="signed", lambda_attn=0.0),
+    "attn_only": dict(adv_weighting="signed", lambda_logit=0.0),
+    "oisd_lens": dict(adv_weighting="signed", exit_norm="ln_f"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_args(argv):
+    """--key=value for every Config field (bools also as a bare --key). Raises ConfigError."""
+    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in fields:
+            raise ConfigError(f"unknown argument {arg!r}; options are --" + " --".join(fields))
+        kind = type(getattr(cfg, key))
+        if kind is bool:
+            if not eq:
+                value = "true"
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"--{key} expects true or false, got {value!r}")
+            setattr(cfg, key, value.lower() in ("true", "1"))
+            continue
+        try:
+            setattr(cfg, key, kind(value))
+        except ValueError:
+            raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+    validate(cfg)
+    return cfg
+
+
+def layer_list(cfg):
+    return [int(x) for x in cfg.align_layers.split(",")]
+
+
+def validate(cfg):
+    """Raise ConfigError naming the first bad value."""
+    positive = ["digits", "terms", "n_layer", "n_head", "n_embd", "sft_batch", "sft_max_steps", "sft_eval_every",
+                "prompts_per_step", "num_iterations", "eval_every", "eval_size", "log_every", "ckpt_every",
+                "sft_lr", "rl_lr", "temperature", "clip_eps", "grad_clip"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"--{key} must be > 0, got {getattr(cfg, key)}")
+    for key in ["rl_steps", "max_new_tokens", "lambda_logit", "lambda_attn", "kl_beta", "seed"]:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    choices = dict(device=("auto", "cpu", "cuda", "mps"), exit_norm=("own", "ln_f"),
+                   loss_reduction=("token", "sequence"), adv_weighting=("signed", "positive", "abs", "none"))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    if cfg.group_size < 2:
+        raise ConfigError(f"--group_size must be >= 2 (advantages compare rollouts of one prompt), got {cfg.group_size}")
+    if cfg.n_layer < 2:
+        raise ConfigError(f"--n_layer must be >= 2 (an intermediate layer to align), got {cfg.n_layer}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
+    if not 0 < cfg.sft_target_acc <= 1:
+        raise ConfigError(f"--sft_target_acc must be in (0, 1], got {cfg.sft_target_acc}")
+    if cfg.eval_size > 500:
+        raise ConfigError(f"--eval_size must be <= 500 (the held-out set), got {cfg.eval_size}")
+    try:
+        layers = layer_list(cfg)
+    except ValueError:
+        raise ConfigError(f"--align_layers expects comma-separated integers, got {cfg.align_layers!r}") from None
+    for layer in layers:
+        if not 1 <= layer < cfg.n_layer:
+            raise ConfigError(f"--align_layers: layer {layer} is out of range 1..{cfg.n_layer - 1}")
+    for arm in cfg.arms.split(","):
+        if arm not in ARMS:
+            raise ConfigError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    try:
+        make_task(cfg.task, **task_options(cfg))
+    except ValueError as e:
+        raise ConfigError(f"--task: {e}") from None
+
+
+def task_options(cfg):
+    return dict(digits=cfg.digits) if cfg.task == "add" else dict(terms=cfg.terms, digits=cfg.digits)
+
+
+# -----------------------------------------------------------------------------
+# The loss terms: small pure functions. N = rollouts in the batch, R = response positions, V = vocab.
+
+def masked_mean(values, mask, reduction="token"):
+    """values, mask: (N, R). 'token': sum over every unmasked position / their count (long answers weigh
+    more); 'sequence': mean over each row's unmasked positions, then over rows. Returns a scalar."""
+    if reduction == "token":
+        return (values * mask).sum() / mask.sum().clamp_min(1)
+    return ((values * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """rewards: (N,) with N = groups * group_size, rollouts of one prompt consecutive.
+    Returns (N,) advantages: reward minus its group's mean, divided by (group std + eps) if scale.
+    A group whose rewards are all equal gets exactly zero (it says nothing about which rollout is better)."""
+    r = rewards.view(-1, group_size)  # (groups, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return adv.masked_fill(all_equal, 0.0).view(-1)
+
+
+def alignment_weights(advantages, mode):
+    """(N,) advantages -> (N,) per-rollout weights of the OISD terms.
+    signed: A (the paper's wording: pull toward the teacher on good rollouts, push away on bad ones);
+    positive: max(A, 0); abs: |A|; none: 1 (plain on-policy distillation)."""
+    if mode == "signed":
+        return advantages
+    if mode == "positive":
+        return advantages.clamp_min(0)
+    if mode == "abs":
+        return advantages.abs()
+    return torch.ones_like(advantages)
+
+
+def js_divergence(logp, logq, dim=-1):
+    """Jensen-Shannon divergence in nats between distributions given as log-probabilities, reduced
+    (summed) over `dim`: 1/2 KL(p||m) + 1/2 KL(q||m), m = (p+q)/2, in [0, ln 2].
+    -inf entries (zero probability, e.g. masked attention keys) contribute 0; neither the value nor the
+    gradient is ever NaN."""
+    p, q = logp.exp(), logq.exp()
+    m = (p + q) / 2
+    logm = m.clamp_min(torch.finfo(m.dtype).tiny).log()
+    # 0 * log 0 = 0: replace -inf by 0 where the probability is 0, so that no 0 * inf appears
+    logp, logq = logp.masked_fill(p == 0, 0.0), logq.masked_fill(q == 0, 0.0)
+    return 0.5 * (p * (logp - logm)).sum(dim) + 0.5 * (q * (logq - logm)).sum(dim)
+
+
+def safe_log(probs):
+    """log of probabilities with log 0 = -inf and a zero gradient there (plain .log() would give 0 * inf = NaN)."""
+    zero = probs == 0
+    return probs.float().masked_fill(zero, 1.0).log().masked_fill(zero, float("-inf"))
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """logits: (N, R, V) predicting tokens: (N, R) -> (N, R) log-probabilities at the sampling temperature."""
+    return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_mask(completion, eos_id):
+    """completion: (N, R) sampled tokens -> (N, R) float mask, 1 up to and including the first EOS.
+    A row without EOS (truncated) is all ones."""
+    is_eos = (completion == eos_id).int()
+    eos_before = is_eos.cumsum(dim=1) - is_eos  # EOS tokens strictly before each position
+    return (eos_before == 0).float()
+
+
+def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_beta=0.0, reduction="token"):
+    """PPO-clipped GRPO surrogate (DeepSeekMath), to be minimised.
+    logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the rollout
+    policy; advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
+    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3(ref || current),
+    k3 = exp(ref - logp) - (ref - logp) - 1. Reduced by masked_mean(reduction). Returns a scalar."""
+    ratio = (logp - old_logp).exp()
+    adv = advantages.unsqueeze(1)  # (N, 1)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if kl_beta > 0:
+        log_r = ref_logp - logp
+        per_token = per_token + kl_beta * (log_r.exp() - log_r - 1)
+    return masked_mean(per_token, mask, reduction)
+
+
+def logit_alignment_loss(student_logits, teacher_logits, weights, mask, reduction="token"):
+    """OISD logit term. student_logits: (N, R, V) exit logits of the aligned layer; teacher_logits: (N, R, V)
+    final-layer logits (detached here: the teacher is not trained by this term); weights: (N,) per rollout
+    (see alignment_weights); mask: (N, R). Per position: weight * JSD(teacher, student); masked_mean."""
+    jsd = js_divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1))
+    return masked_mean(weights.unsqueeze(1) * jsd, mask, reduction)
+
+
+def attention_alignment_loss(student_attn, teacher_attn, weights, mask, reduction="token"):
+    """OISD attention term. student_attn, teacher_attn: (N, nh, R, K) attention probabilities of the aligned
+    layer and the final layer (teacher detached here) for the R response query positions over K keys;
+    head h is matched to head h. Per position: weight * JSD over keys, averaged over heads; masked_mean."""
+    jsd = js_divergence(safe_log(student_attn), safe_log(teacher_attn.detach())).mean(dim=1)  # (N, R)
+    return masked_mean(weights.unsqueeze(1) * jsd, mask, reduction)
+
+
+# -----------------------------------------------------------------------------
+# Setup helpers
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def autocast(device):
+    """bf16 autocast on a GPU that supports it; plain fp32 elsewhere."""
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Env:
+    """What every stage shares: config, device, task, tokenizer and the fixed problem sets."""
+
+    def __init__(self, cfg):
+        self.cfg, self.device = cfg, pick_device(cfg)
+        self.task = make_task(cfg.task, **task_options(cfg))
+        self.tok = get_tokenizer()
+        self.eos_id = self.tok.eot_token
+        self.test, self.val = heldout_split(self.task)
+        self.test = self.test[: cfg.eval_size]
+        self.exclude = {p for p, _ in self.test + self.val}  # training never samples these prompts
+        self.prompt_len = len(self.task.sample(random.Random(0))[0])
+        self.max_new = cfg.max_new_tokens or self.task.completion_tokens + 2
+
+    def model_config(self, cfg):
+        return GPTConfig(vocab_size=self.tok.n_vocab, block_size=self.prompt_len + self.max_new,
+                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, exit_norm=cfg.exit_norm)
+
+    def prompts(self, problems):
+        """list of (prompt, answer) -> (B, P) token ids on the device."""
+        return torch.tensor([self.tok.encode(p) for p, _ in problems], device=self.device)
+
+    def rewards(self, seq, problems, group_size):
+        """seq: (N, P+R) rollouts, group_size consecutive rows per problem -> (N,) rewards."""
+        texts = []
+        for row in seq[:, self.prompt_len:].tolist():
+            end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            texts.append(self.tok.decode(row[:end]))
+        answers = [a for _, a in problems for _ in range(group_size)]
+        return torch.tensor([self.task.reward(t, a) for t, a in zip(texts, answers)], device=self.device)
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: an interrupted save never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # any unreadable file: one clear line instead of a deep traceback
+        sys.exit(f"error: checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it and rerun")
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+@torch.inference_mode()
+def evaluate(env, model, problems, layers=None):
+    """Greedy held-out accuracy of the final layer and of each exit head in `layers` (early exit: blocks
+    1..l only), and, on the final layer's own greedy completions, the mean JSD and top-1 agreement of each
+    exit with the final layer. Returns a flat dict of floats."""
+    L = model.config.n_layer
+    layers = list(range(1, L + 1)) if layers is None else layers
+    prompts, P, out = env.prompts(problems), env.prompt_len, {}
+    with autocast(env.device):
+        for layer in sorted(set(layers) | {L}, reverse=True):
+            seq, _ = model.generate(prompts, env.max_new, temperature=0, eos_id=env.eos_id, exit_layer=layer)
+            out[f"acc_L{layer}"] = env.rewards(seq, problems, 1).mean().item()
+            if layer == L:
+                final_seq = seq
+        exits = [layer for layer in layers if layer < L]
+        logits, exit_logits, _ = model(final_seq[:, :-1], exit_layers=exits)
+    mask = response_mask(final_seq[:, P:], env.eos_id)
+    teacher = F.log_softmax(logits[:, P - 1:].float(), -1)
+    for layer in exits:
+        student = F.log_softmax(exit_logits[layer][:, P - 1:].float(), -1)
+        out[f"jsd_L{layer}"] = masked_mean(js_divergence(student, teacher), mask).item()
+        out[f"agree_L{layer}"] = masked_mean((student.argmax(-1) == teacher.argmax(-1)).float(), mask).item()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: supervised warm-up
+
+def warmup(env):
+    """Train from scratch on worked solutions until validation accuracy >= sft_target_acc.
+    Cached in out_dir by a hash of everything it depends on. Returns the model's state dict."""
+    cfg = env.cfg
+    keys = ["seed", "task", "digits", "terms", "n_layer", "n_head", "n_embd", "sft_lr", "sft_batch",
+            "sft_target_acc", "sft_max_steps", "sft_eval_every", "max_new_tokens"]
+    tag = hashlib.sha1(json.dumps({k: getattr(cfg, k) for k in keys}).encode()).hexdigest()[:10]
+    path = os.path.join(cfg.out_dir, f"warmup-{tag}.pt")
+    if os.path.exists(path):
+        print(f"warm-up: reusing {path}")
+        return load_checkpoint(path, env.device)["model"]
+    torch.manual_seed(cfg.seed)
+    model = GPT(env.model_config(cfg)).to(env.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    rng, P, t0 = random.Random(cfg.seed + 1), env.prompt_len, time.time()
+    for step in range(1, cfg.sft_max_steps + 1):
+        problems = sample_problems(env.task, rng, cfg.sft_batch, env.exclude)
+        seq = torch.tensor([env.tok.encode(p + env.task.solution(p)) + [env.eos_id] for p, _ in problems],
+                           device=env.device)  # (B, P+C)
+        targets = seq[:, 1:].clone()
+        targets[:, : P - 1] = -1  # learn the completion only, not the prompt
+        with autocast(env.device):
+            logits = model(seq[:, :-1])[0]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.sft_eval_every == 0:
+            acc = evaluate(env, model, env.val, layers=[])[f"acc_L{cfg.n_layer}"]
+            print(f"warm-up step {step:4d} | loss {loss.item():.3f} | val acc {acc:6.1%} | {time.time() - t0:5.1f}s")
+            if acc >= cfg.sft_target_acc:
+                break
+    else:
+        print(f"warm-up: validation accuracy {acc:.1%} did not reach {cfg.sft_target_acc:.0%} "
+              f"in {cfg.sft_max_steps} steps; going on from here")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("exit_ln")}  # exits untrained here
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_atomic({"model": state, "config": dataclasses.asdict(cfg), "val_acc": acc, "steps": step}, path)
+    return state
+
+
+def load_policy(env, cfg, state):
+    """A GPT with the warm-up weights and every exit head starting as the logit lens of its layer."""
+    model = GPT(env.model_config(cfg)).to(env.device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("exit_ln") for k in missing), (missing, unexpected)
+    model.reset_exit_heads()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: GRPO + OISD
+
+def rollout(env, model, problems, generator):
+    """Sample group_size completions per problem from the final layer.
+    Returns seq (N, P+R), the rollout log-probs old_logp (N, R), rewards (N,)."""
+    cfg = env.cfg
+    with autocast(env.device):
+        seq, old_logp = model.generate(env.prompts(problems), env.max_new, cfg.temperature, cfg.group_size,
+                                       env.eos_id, generator)
+    seq, old_logp = seq.clone(), old_logp.clone()  # out of inference mode, so autograd may read them
+    return seq, old_logp, env.rewards(seq, problems, cfg.group_size)
+
+
+def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=None):
+    """The OISD objective on one batch of rollouts. seq: (N, P+R); old_logp, mask: (N, R); advantages: (N,).
+    One forward returns the final logits, the exit logits of the aligned layers and, if lambda_attn > 0,
+    the attention of the aligned layers and the last layer. Returns (total loss, {term: scalar})."""
+    L, layers, P = model.config.n_layer, layer_list(cfg), prompt_len
+    with autocast(seq.device.type):
+        logits, exits, attns = model(seq[:, :-1], exit_layers=layers if cfg.lambda_logit > 0 else (),
+                                     attn_layers=(*layers, L) if cfg.lambda_attn > 0 else ())
+    logits = logits[:, P - 1:]  # (N, R, V): the positions that predict response tokens
+    logp = token_logprobs(logits, seq[:, P:], cfg.temperature)
+    terms = {"grpo": grpo_loss(logp, old_logp, advantages, mask, cfg.clip_eps, ref_logp, cfg.kl_beta,
+                               cfg.loss_reduction)}
+    weights = alignment_weights(advantages, cfg.adv_weighting)
+    if cfg.lambda_logit > 0:
+        terms["logit"] = sum(logit_alignment_loss(exits[layer][:, P - 1:], logits, weights, mask, cfg.loss_reduction)
+                             for layer in layers) / len(layers)
+    if cfg.lambda_attn > 0:
+        teacher = attns[L][:, :, P - 1:]  # (N, nh, R, P+R-1)
+        terms["attn"] = sum(attention_alignment_loss(attns[layer][:, :, P - 1:], teacher, weights, mask,
+                                                     cfg.loss_reduction) for layer in layers) / len(layers)
+    total = terms["grpo"] + cfg.lambda_logit * terms.get("logit", 0.0) + cfg.lambda_attn * terms.get("attn", 0.0)
+    return total, terms
+
+
+def train_arm(env, arm, warm_state, log):
+    """Train one arm from the warm-up weights for rl_steps steps, evaluating every eval_every steps.
+    Checkpoints to out_dir/<arm>.pt; with --resume an interrupted arm continues where it stopped.
+    Returns the final evaluation dict."""
+    cfg = dataclasses.replace(env.cfg, **ARMS[arm])
+    torch.manual_seed(cfg.seed)
+    model = load_policy(env, cfg, warm_state)
+    ref = load_policy(env, cfg, warm_state).eval() if cfg.kl_beta > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr)
+    rng = random.Random(cfg.seed + 2)  # the prompts: the same sequence in every arm
+    gen = torch.Generator(env.device).manual_seed(cfg.seed + 3)  # the rollouts' sampling noise
+    path, step = os.path.join(cfg.out_dir, f"{arm}.pt"), 0
+    if cfg.resume and os.path.exists(path):
+        ck = load_checkpoint(path, env.device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        rng.setstate(ck["rng"])
+        gen.set_state(ck["gen"].cpu())
+        step = ck["step"]
+        print(f"{arm}: resumed from {path} at step {step}")
+    forward = torch.compile(model) if cfg.compile else model
+    result = evaluate(env, model, env.test)
+    if step == 0:
+        log({"arm": arm, "step": 0, **result})
+    P, sums, last = env.prompt_len, {}, (step, time.time())
+    while step < cfg.rl_steps:
+        step += 1
+        problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
+        seq, old_logp, rewards = rollout(env, model, problems, gen)
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
+        mask = response_mask(seq[:, P:], env.eos_id)
+        ref_logp = None
+        if ref is not None:
+            with torch.inference_mode(), autocast(env.device):
+                ref_logp = token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature)
+        for _ in range(cfg.num_iterations):
+            total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
+            for name, value in terms.items():
+                if not torch.isfinite(value):
+                    sys.exit(f"error: {arm} step {step}: loss term '{name}' is {value.item()}; stopping")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                sys.exit(f"error: {arm} step {step}: gradient norm is {grad_norm.item()}; stopping")
+            opt.step()
+        stats = {"reward": rewards.mean(), "tokens": mask.sum(), **{f"loss_{k}": v for k, v in terms.items()}}
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        if step % cfg.eval_every == 0 or step == cfg.rl_steps:
+            result = evaluate(env, model, env.test)
+        if step % cfg.log_every == 0 or step == cfg.rl_steps:
+            n, seconds = step - last[0], time.time() - last[1]
+            means = {k: v / n for k, v in sums.items()}
+            eta = (cfg.rl_steps - step) * seconds / n
+            print(f"{arm:>10} step {step:4d}/{cfg.rl_steps} | reward {means['reward']:.2f} | "
+                  f"held-out acc {result[f'acc_L{cfg.n_layer}']:6.1%} | "
+                  + " ".join(f"{k[5:]} {v:+.4f}" for k, v in means.items() if k.startswith("loss_"))
+                  + f" | {n / seconds:4.1f} steps/s {sums['tokens'] / seconds:5.0f} tok/s | eta {eta:4.0f}s")
+            log({"arm": arm, "step": step, **{f"train_{k}": v for k, v in means.items()}, **result})
+            sums, last = {}, (step, time.time())
+        if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "rng": rng.getstate(), "gen": gen.get_state(), "config": dataclasses.asdict(cfg)}, path)
+    return result
+
+
+def print_table(rows, n_layer):
+    """rows: {name: evaluation dict} -> a table of held-out accuracy of the final layer and each exit."""
+    layers = range(n_layer, 0, -1)
+    print(f"{'held-out greedy accuracy':<26}" + "".join(f"{'final' if l == n_layer else f'exit L{l}':>9}" for l in layers))
+    for name, res in rows.items():
+        print(f"{name:<26}" + "".join(f"{res[f'acc_L{l}']:9.1%}" for l in layers))
+
+
+def main(argv):
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    env = Env(cfg)
+    print(f"device: {env.device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.time()
+    warm_state = warmup(env)
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+
+    def log(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    rows = {"warm-up start": evaluate(env, load_policy(env, cfg, warm_state), env.test)}
+    for arm in cfg.arms.split(","):
+        rows[arm] = train_arm(env, arm, warm_state, log)
+    print()
+    print_table(rows, cfg.n_layer)
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\ntotal time {time.time() - t0:.0f}s; metrics in {cfg.out_dir}/metrics.jsonl, results in {cfg.out_dir}/results.json")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
