@@ -35,34 +35,36 @@ class GPTConfig:
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.n_head = config.n_head
+        self.n_head, self.layer_idx = config.n_head, layer_idx
 
-    def forward(self, x, kv=None, need_attn=False):
-        """x: (B, T, C). kv: this layer's slice of a KVCache, or None.
+    def forward(self, x, cache=None, need_attn=False):
+        """x: (B, T, C), the T newest positions. cache: a KVCache holding the earlier positions, or None.
         Returns y (B, T, C) and, if need_attn, the attention probabilities (B, nh, T, T_keys)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if kv is not None:
-            k, v = kv.append(k, v)  # (B, nh, T_keys, hs): the cached keys/values followed by the new ones
-        # a multi-token call starts at position 0 (training, or the prefill), so it is plainly causal;
-        # a one-token decode step may look at every cached key
-        causal = T > 1
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nh, T_keys, hs): earlier positions, then these T
+        start = k.size(2) - T  # absolute position of the first query
+        # query i sits at position start+i and sees keys 0..start+i; a single query sees every key
+        visible = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start)
         if need_attn:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_keys)
-            if causal:
-                future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-                att = att.masked_fill(future, float("-inf"))
+            if visible is not None:
+                att = att.masked_fill(~visible, float("-inf"))
             att = att.softmax(dim=-1)
             y = att @ v  # (B, nh, T, hs)
         else:
             att = None
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), att
 
@@ -81,49 +83,42 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, need_attn=False):
-        y, att = self.attn(self.ln_1(x), kv, need_attn)
+    def forward(self, x, cache=None, need_attn=False):
+        y, att = self.attn(self.ln_1(x), cache, need_attn)
         x = x + y
         x = x + self.mlp(self.ln_2(x))
         return x, att
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (n_layer, B, nh, max_len, hs) each.
-    Layer i's view appends at position `pos`; `pos` moves on once all layers have appended."""
+    """Keys and values of the positions seen so far, per layer: (B, nh, T_seen, hs) each, grown by
+    concatenation. It is differentiable, so a training forward can run a prompt once and share its keys
+    and values with all the rollouts of that prompt (repeat_interleave), exactly as the sampler does."""
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
 
-    def layer(self, i):
-        return _LayerKV(self, i)
+    @property
+    def pos(self):
+        return 0 if self.k[0] is None else self.k[0].size(2)
+
+    def append(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
 
     def repeat_interleave(self, n):
-        """Copy each row n times: the prompt is prefilled once and shared by its n samples."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
-
-
-class _LayerKV:
-
-    def __init__(self, cache, i):
-        self.cache, self.i = cache, i
-
-    def append(self, k, v):
-        c, start, end = self.cache, self.cache.pos, self.cache.pos + k.size(2)
-        c.k[self.i, :, :, start:end] = k
-        c.v[self.i, :, :, start:end] = v
-        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+        """Copy each row n times: row b becomes rows b*n .. b*n+n-1."""
+        self.k = [k if k is None else k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v if v is None else v.repeat_interleave(n, dim=0) for v in self.v]
 
 
 class GPT(nn.Module):
@@ -136,7 +131,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -187,14 +182,11 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         exits, attns = {}, {}
         for layer in range(1, stop_layer + 1):
-            kv = cache.layer(layer - 1) if cache is not None else None
-            x, att = self.transformer.h[layer - 1](x, kv, need_attn=layer in attn_layers)
+            x, att = self.transformer.h[layer - 1](x, cache, need_attn=layer in attn_layers)
             if att is not None:
                 attns[layer] = att
             if layer in exit_layers:
                 exits[layer] = self.exit_logits(x, layer)
-        if cache is not None:
-            cache.pos += T
         logits = exits[stop_layer] if stop_layer in exits else self.exit_logits(x, stop_layer)
         return logits, exits, attns
 
@@ -212,11 +204,7 @@ class GPT(nn.Module):
         """
         B, P = idx.shape
         n_layer = exit_layer or self.config.n_layer
-        cache = None
-        if use_cache:
-            hs = self.config.n_embd // self.config.n_head
-            cache = KVCache(n_layer, B, self.config.n_head, P + max_new_tokens, hs, idx.device,
-                            self.transformer.wte.weight.dtype)
+        cache = KVCache(n_layer) if use_cache else None
         logits = self(idx, cache=cache, stop_layer=n_layer)[0][:, -1]  # (B, vocab): the prompt, run once
         if use_cache:
             cache.repeat_interleave(num_samples)

@@ -30,10 +30,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 from tasks import EOS, get_tokenizer, heldout_split, make_task, sample_problems
 
 
@@ -47,6 +48,7 @@ class Config:
     arms: str = "grpo,oisd,oisd_pos"  # which arms to train, names from ARMS below
     resume: bool = False           # continue each arm from its checkpoint in out_dir
     bench: bool = False            # time RL steps instead of training (see bench())
+    bench_steps: int = 20          # measured steps per arm in --bench
     # task
     task: str = "add"              # add | chain
     digits: int = 3                # digits per operand
@@ -134,7 +136,7 @@ def layer_list(cfg):
 def validate(cfg):
     """Raise ConfigError naming the first bad value."""
     positive = ["digits", "terms", "n_layer", "n_head", "n_embd", "sft_batch", "sft_max_steps", "sft_eval_every",
-                "prompts_per_step", "num_iterations", "eval_every", "eval_size", "log_every", "ckpt_every",
+                "prompts_per_step", "num_iterations", "bench_steps", "eval_every", "eval_size", "log_every", "ckpt_every",
                 "sft_lr", "rl_lr", "temperature", "clip_eps", "grad_clip"]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -436,33 +438,74 @@ def rollout(env, model, problems, generator):
 
 
 def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=None):
-    """The OISD objective on one batch of rollouts. seq: (N, P+R); old_logp, mask: (N, R); advantages: (N,).
-    One forward returns the final logits, the exit logits of the aligned layers and, if lambda_attn > 0,
-    the attention of the aligned layers and the last layer. Returns (total loss, {term: scalar})."""
+    """The OISD objective on one batch of rollouts, group_size consecutive rows per prompt.
+    seq: (N, P+R); old_logp, mask: (N, R); advantages: (N,). The prompt (less its last token) runs once per
+    group and its keys and values are shared by the group's rollouts (as in the sampler); the rest runs
+    per rollout and yields, at the R positions that predict response tokens, the final logits, the exit
+    logits of the aligned layers and, if lambda_attn > 0, the attention of the aligned layers and the
+    last layer. Returns (total loss, {term: scalar})."""
     L, layers, P = model.config.n_layer, layer_list(cfg), prompt_len
+    cache = KVCache(L)
     with autocast(seq.device.type):
-        logits, exits, attns = model(seq[:, :-1], exit_layers=layers if cfg.lambda_logit > 0 else (),
+        model(seq[:: cfg.group_size, : P - 1], cache=cache)  # (N/G, P-1): fills the cache
+        cache.repeat_interleave(cfg.group_size)
+        logits, exits, attns = model(seq[:, P - 1: -1], cache=cache,  # (N, R): last prompt token + response
+                                     exit_layers=layers if cfg.lambda_logit > 0 else (),
                                      attn_layers=(*layers, L) if cfg.lambda_attn > 0 else ())
-    logits = logits[:, P - 1:]  # (N, R, V): the positions that predict response tokens
-    logp = token_logprobs(logits, seq[:, P:], cfg.temperature)
+    logp = token_logprobs(logits, seq[:, P:], cfg.temperature)  # (N, R)
     terms = {"grpo": grpo_loss(logp, old_logp, advantages, mask, cfg.clip_eps, ref_logp, cfg.kl_beta,
                                cfg.loss_reduction)}
     weights = alignment_weights(advantages, cfg.adv_weighting)
     if cfg.lambda_logit > 0:
-        terms["logit"] = sum(logit_alignment_loss(exits[layer][:, P - 1:], logits, weights, mask, cfg.loss_reduction)
+        terms["logit"] = sum(logit_alignment_loss(exits[layer], logits, weights, mask, cfg.loss_reduction)
                              for layer in layers) / len(layers)
-    if cfg.lambda_attn > 0:
-        teacher = attns[L][:, :, P - 1:]  # (N, nh, R, P+R-1)
-        terms["attn"] = sum(attention_alignment_loss(attns[layer][:, :, P - 1:], teacher, weights, mask,
-                                                     cfg.loss_reduction) for layer in layers) / len(layers)
+    if cfg.lambda_attn > 0:  # attention rows (N, nh, R, P+R-1) over every earlier key, prompt included
+        terms["attn"] = sum(attention_alignment_loss(attns[layer], attns[L], weights, mask, cfg.loss_reduction)
+                            for layer in layers) / len(layers)
     total = terms["grpo"] + cfg.lambda_logit * terms.get("logit", 0.0) + cfg.lambda_attn * terms.get("attn", 0.0)
     return total, terms
 
 
-def train_arm(env, arm, warm_state, log):
+def now(device):
+    """Wall time, after waiting for queued GPU work so that phases are timed honestly."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
+    """One GRPO(+OISD) step on `problems`: rollouts, group advantages, then num_iterations updates.
+    forward: the (possibly compiled) model used for the training forward. ref: frozen model for the KL.
+    Returns (stats: {name: float}, seconds: {rollout, fwd_bwd, optim})."""
+    forward, P, dev = forward or model, env.prompt_len, env.device
+    t0 = now(dev)
+    seq, old_logp, rewards = rollout(env, model, problems, generator)
+    advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
+    mask = response_mask(seq[:, P:], env.eos_id)
+    ref_logp = None
+    if ref is not None:
+        with torch.inference_mode(), autocast(dev):
+            ref_logp = token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature).clone()
+    seconds = {"rollout": now(dev) - t0, "fwd_bwd": 0.0, "optim": 0.0}
+    for _ in range(cfg.num_iterations):
+        t0 = now(dev)
+        total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        t1 = now(dev)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        seconds["fwd_bwd"] += t1 - t0
+        seconds["optim"] += now(dev) - t1
+    stats = {"reward": rewards.mean(), "tokens": mask.sum(), "grad_norm": grad_norm,
+             **{f"loss_{k}": v for k, v in terms.items()}}
+    return {k: v.item() for k, v in stats.items()}, seconds
+
+
+def train_arm(env, arm, warm_state, start, log):
     """Train one arm from the warm-up weights for rl_steps steps, evaluating every eval_every steps.
-    Checkpoints to out_dir/<arm>.pt; with --resume an interrupted arm continues where it stopped.
-    Returns the final evaluation dict."""
+    start: the warm-up model's evaluation. Checkpoints to out_dir/<arm>.pt; with --resume an
+    interrupted arm continues where it stopped. Returns the final evaluation dict."""
     cfg = dataclasses.replace(env.cfg, **ARMS[arm])
     torch.manual_seed(cfg.seed)
     model = load_policy(env, cfg, warm_state)
@@ -470,60 +513,102 @@ def train_arm(env, arm, warm_state, log):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr)
     rng = random.Random(cfg.seed + 2)  # the prompts: the same sequence in every arm
     gen = torch.Generator(env.device).manual_seed(cfg.seed + 3)  # the rollouts' sampling noise
-    path, step = os.path.join(cfg.out_dir, f"{arm}.pt"), 0
+    path, step, result = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, start
     if cfg.resume and os.path.exists(path):
         ck = load_checkpoint(path, env.device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         rng.setstate(ck["rng"])
         gen.set_state(ck["gen"].cpu())
-        step = ck["step"]
+        step, result = ck["step"], ck["result"]
         print(f"{arm}: resumed from {path} at step {step}")
     forward = torch.compile(model) if cfg.compile else model
-    result = evaluate(env, model, env.test)
-    if step == 0:
-        log({"arm": arm, "step": 0, **result})
-    P, sums, last = env.prompt_len, {}, (step, time.time())
+    sums, last = {}, (step, time.time())
     while step < cfg.rl_steps:
         step += 1
         problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
-        seq, old_logp, rewards = rollout(env, model, problems, gen)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
-        mask = response_mask(seq[:, P:], env.eos_id)
-        ref_logp = None
-        if ref is not None:
-            with torch.inference_mode(), autocast(env.device):
-                ref_logp = token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature)
-        for _ in range(cfg.num_iterations):
-            total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
-            for name, value in terms.items():
-                if not torch.isfinite(value):
-                    sys.exit(f"error: {arm} step {step}: loss term '{name}' is {value.item()}; stopping")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                sys.exit(f"error: {arm} step {step}: gradient norm is {grad_norm.item()}; stopping")
-            opt.step()
-        stats = {"reward": rewards.mean(), "tokens": mask.sum(), **{f"loss_{k}": v for k, v in terms.items()}}
+        stats, _ = rl_step(env, cfg, model, opt, problems, gen, forward, ref)
         for name, value in stats.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
+            if not math.isfinite(value):
+                sys.exit(f"error: {arm} step {step}: {name} is {value}; stopping (try a lower --rl_lr)")
+            sums[name] = sums.get(name, 0.0) + value
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             result = evaluate(env, model, env.test)
         if step % cfg.log_every == 0 or step == cfg.rl_steps:
             n, seconds = step - last[0], time.time() - last[1]
             means = {k: v / n for k, v in sums.items()}
-            eta = (cfg.rl_steps - step) * seconds / n
             print(f"{arm:>10} step {step:4d}/{cfg.rl_steps} | reward {means['reward']:.2f} | "
                   f"held-out acc {result[f'acc_L{cfg.n_layer}']:6.1%} | "
                   + " ".join(f"{k[5:]} {v:+.4f}" for k, v in means.items() if k.startswith("loss_"))
-                  + f" | {n / seconds:4.1f} steps/s {sums['tokens'] / seconds:5.0f} tok/s | eta {eta:4.0f}s")
+                  + f" | {n / seconds:4.1f} steps/s {sums['tokens'] / seconds:5.0f} tok/s"
+                  + f" | eta {(cfg.rl_steps - step) * seconds / n:4.0f}s")
             log({"arm": arm, "step": step, **{f"train_{k}": v for k, v in means.items()}, **result})
             sums, last = {}, (step, time.time())
         if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "result": result,
                          "rng": rng.getstate(), "gen": gen.get_state(), "config": dataclasses.asdict(cfg)}, path)
     return result
+
+
+def bench(env):
+    """Time RL steps in steady state from a random init: median seconds per phase over bench_steps steps
+    (after 5 unmeasured ones) for plain GRPO and GRPO+OISD, stepped alternately so that both see the same
+    machine load; then the KV-cache sampler against the naive loop that re-runs the whole prefix per token.
+    On CUDA also the achieved training TFLOP/s and the peak memory."""
+    cfg, dev = env.cfg, env.device
+    arms = {}
+    for arm in ("grpo", "oisd"):
+        acfg = dataclasses.replace(cfg, **ARMS[arm])
+        torch.manual_seed(cfg.seed)
+        model = GPT(env.model_config(acfg)).to(dev)
+        arms[arm] = dict(cfg=acfg, model=model, opt=torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr),
+                         forward=torch.compile(model) if cfg.compile else model,
+                         gen=torch.Generator(dev).manual_seed(cfg.seed), times=[], tokens=[])
+    rng, peak = random.Random(cfg.seed), {}
+    for i in range(5 + cfg.bench_steps):
+        problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
+        for arm, a in arms.items():
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            stats, seconds = rl_step(env, a["cfg"], a["model"], a["opt"], problems, a["gen"], a["forward"])
+            if dev == "cuda":
+                peak[arm] = torch.cuda.max_memory_allocated() / 2**30
+            if i >= 5:
+                a["times"].append(seconds)
+                a["tokens"].append(stats["tokens"])
+    n, rows = cfg.prompts_per_step * cfg.group_size, {}
+    for arm, a in arms.items():
+        med = {k: float(np.median([t[k] for t in a["times"]])) for k in a["times"][0]}
+        med["step"] = float(np.median([sum(t.values()) for t in a["times"]]))
+        med["completions/s"] = n / med["step"]
+        med["sampled tok/s"] = float(np.median(a["tokens"])) / med["rollout"]
+        if dev == "cuda":
+            n_params = sum(p.numel() for p in a["model"].parameters())
+            trained = n * (env.prompt_len + env.max_new - 1)  # an upper bound on the tokens trained per step
+            med["train TFLOP/s"] = 6 * n_params * trained / med["fwd_bwd"] / 1e12
+            med["peak GiB"] = peak[arm]
+        rows[arm] = med
+    print(f"\nRL step: median of {cfg.bench_steps} steps after 5 unmeasured ones; {n} completions per step")
+    print(f"{'':<16}{'grpo':>12}{'oisd':>12}{'oisd/grpo':>12}")
+    for key in rows["grpo"]:
+        g, o = rows["grpo"][key], rows["oisd"][key]
+        label = key + " s" if key in ("rollout", "fwd_bwd", "optim", "step") else key
+        print(f"{label:<16}{g:12.4f}{o:12.4f}{o / g:12.2f}")
+    model, gen = arms["grpo"]["model"], arms["grpo"]["gen"]
+    prompts = env.prompts(sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude))
+    runs = {True: [], False: []}
+    for _ in range(10):
+        for use_cache in runs:
+            t0 = now(dev)
+            with autocast(dev):
+                model.generate(prompts, env.max_new, cfg.temperature, cfg.group_size, None, gen, use_cache=use_cache)
+            runs[use_cache].append(now(dev) - t0)
+    cached, naive = float(np.median(runs[True][2:])), float(np.median(runs[False][2:]))
+    tokens = n * env.max_new
+    print(f"\nsampler, {n} completions x {env.max_new} tokens (no early stop), median of 8 runs:")
+    print(f"  KV cache {cached:.4f} s ({tokens / cached:.0f} tok/s) | naive loop {naive:.4f} s "
+          f"({tokens / naive:.0f} tok/s) | speed-up {naive / cached:.2f}x")
+    return rows
 
 
 def print_table(rows, n_layer):
@@ -543,6 +628,9 @@ def main(argv):
     env = Env(cfg)
     print(f"device: {env.device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    if cfg.bench:
+        bench(env)
+        return
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     warm_state = warmup(env)
@@ -553,8 +641,9 @@ def main(argv):
         metrics.flush()
 
     rows = {"warm-up start": evaluate(env, load_policy(env, cfg, warm_state), env.test)}
+    log({"arm": "warm-up start", "step": 0, **rows["warm-up start"]})
     for arm in cfg.arms.split(","):
-        rows[arm] = train_arm(env, arm, warm_state, log)
+        rows[arm] = train_arm(env, arm, warm_state, rows["warm-up start"], log)
     print()
     print_table(rows, cfg.n_layer)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:

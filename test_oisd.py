@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import oisd
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 from oisd import (Config, alignment_weights, attention_alignment_loss, group_advantages, grpo_loss,
                   js_divergence, logit_alignment_loss, masked_mean, response_mask, rl_loss, safe_log,
                   token_logprobs)
@@ -141,11 +141,12 @@ def test_rl_loss_matches_a_slow_per_prefix_loop():
     """The vectorised GRPO loss (one forward, masks by position) against a loop that runs the model on
     every prefix separately and counts only the response tokens up to and including the first EOS."""
     model, eos, P, temp = tiny_model(), 13, 4, 0.7
-    seq = torch.tensor([[1, 2, 10, 3, 5, eos, eos, eos],
-                        [4, 4, 10, 1, 6, 7, 8, 9],      # truncated: no EOS
-                        [0, 9, 10, 9, eos, eos, eos, eos]])
-    adv = torch.tensor([0.5, -1.0, 2.0])
-    cfg = Config(lambda_logit=0.0, lambda_attn=0.0, temperature=temp, n_layer=3)
+    seq = torch.tensor([[1, 2, 10, 3, 5, eos, eos, eos],   # two rollouts of prompt 1 2 10 3
+                        [1, 2, 10, 3, 6, 7, 8, 9],         # truncated: no EOS
+                        [0, 9, 10, 9, eos, eos, eos, eos],  # two rollouts of prompt 0 9 10 9
+                        [0, 9, 10, 9, 4, 4, eos, eos]])
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    cfg = Config(lambda_logit=0.0, lambda_attn=0.0, temperature=temp, n_layer=3, group_size=2)
     completion = seq[:, P:]
     mask = response_mask(completion, eos)
     with torch.no_grad():
@@ -170,8 +171,10 @@ def test_rl_loss_matches_a_slow_per_prefix_loop():
 # ---------------------------------------------------------------- the OISD terms
 
 def oisd_batch():
-    seq = torch.tensor([[1, 2, 10, 3, 5, 13, 13], [4, 4, 10, 1, 6, 7, 13], [0, 9, 10, 9, 13, 13, 13]])
-    return seq, 3, torch.tensor([1.0, -0.5, -0.5])
+    """Two prompts of 3 tokens, two rollouts each: (seq, prompt_len, advantages)."""
+    seq = torch.tensor([[1, 2, 10, 3, 5, 13, 13], [1, 2, 10, 1, 6, 7, 13], [0, 9, 10, 9, 13, 13, 13],
+                        [0, 9, 10, 2, 2, 13, 13]])
+    return seq, 3, torch.tensor([1.0, -1.0, -0.5, 0.5])
 
 
 def alignment_grads(model, weights, term):
@@ -190,7 +193,7 @@ def alignment_grads(model, weights, term):
 @pytest.mark.parametrize("term", ["logit", "attn"])
 def test_teacher_is_detached(term):
     """Aligning layer 1 to layer 3 trains blocks 1 (and the shared embeddings), never blocks 2, 3 or ln_f."""
-    grads = alignment_grads(tiny_model(), torch.tensor([1.0, 0.5, 2.0]), term)
+    grads = alignment_grads(tiny_model(), torch.tensor([1.0, 0.5, 2.0, 0.3]), term)
     for name, g in grads.items():
         above = name.startswith(("transformer.h.1.", "transformer.h.2.", "transformer.ln_f"))
         if above:
@@ -202,7 +205,7 @@ def test_teacher_is_detached(term):
 
 @pytest.mark.parametrize("term", ["logit", "attn"])
 def test_flipping_advantage_sign_flips_alignment_gradient(term):
-    weights = torch.tensor([1.0, -0.5, -0.5])
+    weights = torch.tensor([1.0, -0.5, -0.5, 2.0])
     g_pos = alignment_grads(tiny_model(), weights, term)
     g_neg = alignment_grads(tiny_model(), -weights, term)
     checked = 0
@@ -217,13 +220,14 @@ def test_zero_oisd_weights_give_plain_grpo():
     seq, P, adv = oisd_batch()
     mask = response_mask(seq[:, P:], 13)
     old = torch.full(mask.shape, -2.0)
-    plain, terms = rl_loss(Config(n_layer=3, lambda_logit=0.0, lambda_attn=0.0), tiny_model(), seq, P, old, adv, mask)
+    cfg = Config(n_layer=3, group_size=2, lambda_logit=0.0, lambda_attn=0.0)
+    plain, terms = rl_loss(cfg, tiny_model(), seq, P, old, adv, mask)
     assert set(terms) == {"grpo"}
     model = tiny_model()
     logits = model(seq[:, :-1])[0][:, P - 1:]
     independent = grpo_loss(token_logprobs(logits, seq[:, P:]), old, adv, mask)
     assert plain.item() == pytest.approx(independent.item(), rel=1e-6)
-    total, terms = rl_loss(Config(n_layer=3, align_layers="1"), tiny_model(), seq, P, old, adv, mask)
+    total, terms = rl_loss(Config(n_layer=3, group_size=2, align_layers="1"), tiny_model(), seq, P, old, adv, mask)
     assert set(terms) == {"grpo", "logit", "attn"}
     assert total.item() == pytest.approx(terms["grpo"].item() + terms["logit"].item() + 0.1 * terms["attn"].item())
 
@@ -244,6 +248,28 @@ def test_attention_probabilities_match_manual_softmax_and_fused_output():
     scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
     torch.testing.assert_close(attns[1], scores.softmax(-1))
     assert torch.all(attns[2].triu(1) == 0) and torch.allclose(attns[3].sum(-1), torch.ones(2, 2, 6))
+
+
+def test_shared_prompt_forward_equals_full_forward():
+    """Running the prompt once, sharing its keys and values with 3 continuations (the training forward of
+    rl_loss), gives the full forward's logits, exits and attention rows, and the same gradients."""
+    model = tiny_model()
+    prompt, tails = torch.randint(0, 13, (1, 4)), torch.randint(0, 13, (3, 5))
+    full_in = torch.cat([prompt.repeat(3, 1), tails], 1)
+    logits, exits, attns = model(full_in, exit_layers=(1,), attn_layers=(1, 3))
+    cache = KVCache(3)
+    model(prompt, cache=cache)
+    cache.repeat_interleave(3)
+    s_logits, s_exits, s_attns = model(tails, cache=cache, exit_layers=(1,), attn_layers=(1, 3))
+    torch.testing.assert_close(s_logits, logits[:, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_exits[1], exits[1][:, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_attns[3], attns[3][:, :, 4:], atol=1e-6, rtol=1e-5)
+    grad_full = torch.autograd.grad(logits[:, 4:].square().sum(), model.transformer.wpe.weight)[0]
+    cache = KVCache(3)
+    model(prompt, cache=cache)
+    cache.repeat_interleave(3)
+    grad_shared = torch.autograd.grad(model(tails, cache=cache)[0].square().sum(), model.transformer.wpe.weight)[0]
+    torch.testing.assert_close(grad_shared, grad_full, atol=1e-5, rtol=1e-4)
 
 
 def test_exit_heads():
