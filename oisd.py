@@ -46,7 +46,8 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     compile: bool = False          # torch.compile the training forward (GPU)
-    arms: str = "grpo,oisd,oisd_pos"  # which arms to train, names from ARMS below
+    arms: str = "grpo,oisd,oisd_pos"  # arms to train, names from ARMS; arm:1+3 also sets align_layers=1,3
+    seeds: str = ""                # experiment mode: e.g. 0,1,2,3,4: every arm per seed, then a summary
     resume: bool = False           # continue each arm from its checkpoint in out_dir
     bench: bool = False            # time RL steps instead of training (see bench())
     bench_steps: int = 20          # measured steps per arm in --bench
@@ -84,6 +85,7 @@ class Config:
     lambda_logit: float = 1.0
     lambda_attn: float = 0.1
     adv_weighting: str = "signed"  # signed: A | positive: max(A, 0) | abs: |A| | none: 1
+    lambda_exit_ce: float = 0.0    # a control: cross-entropy on worked solutions for the aligned exits
     # evaluation and logging
     eval_every: int = 50
     eval_size: int = 500           # held-out problems evaluated (the first eval_size of 500)
@@ -101,7 +103,18 @@ ARMS = {
     "logit_only": dict(adv_weighting="signed", lambda_attn=0.0),
     "attn_only": dict(adv_weighting="signed", lambda_logit=0.0),
     "oisd_lens": dict(adv_weighting="signed", exit_norm="ln_f"),
+    # controls: plain GRPO with the exits trained by supervised cross-entropy instead of by the teacher;
+    # and no RL at all, the supervised warm-up continued for as long as the grpo arm trained
+    "grpo_ce_exits": dict(lambda_logit=0.0, lambda_attn=0.0, lambda_exit_ce=1.0),
+    "sft_more": dict(lambda_logit=0.0, lambda_attn=0.0),
 }
+
+
+def arm_config(cfg, arm):
+    """The config of an arm: 'oisd_pos' or, with the aligned layers set, 'oisd_pos:1+3'."""
+    name, _, layers = arm.partition(":")
+    overrides = dict(ARMS[name], **({"align_layers": layers.replace("+", ",")} if layers else {}))
+    return dataclasses.replace(cfg, **overrides)
 
 
 # A preset replaces these defaults first; flags given with it still win.
@@ -156,7 +169,7 @@ def validate(cfg):
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ["rl_steps", "max_new_tokens", "lambda_logit", "lambda_attn", "kl_beta", "seed"]:
+    for key in ["rl_steps", "max_new_tokens", "lambda_logit", "lambda_attn", "lambda_exit_ce", "kl_beta", "seed"]:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
     choices = dict(device=("auto", "cpu", "cuda", "mps"), exit_norm=("own", "ln_f"),
@@ -181,9 +194,18 @@ def validate(cfg):
     for layer in layers:
         if not 1 <= layer < cfg.n_layer:
             raise ConfigError(f"--align_layers: layer {layer} is out of range 1..{cfg.n_layer - 1}")
-    for arm in cfg.arms.split(","):
-        if arm not in ARMS:
+    arms = cfg.arms.split(",")
+    for arm in arms:
+        if arm.partition(":")[0] not in ARMS:
             raise ConfigError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+        if ":" in arm:
+            validate(arm_config(dataclasses.replace(cfg, arms="grpo"), arm))
+    if "sft_more" in arms and "grpo" not in arms[: arms.index("sft_more")]:
+        raise ConfigError("--arms: sft_more runs for as long as grpo did, so grpo must come before it")
+    try:
+        [int(seed) for seed in cfg.seeds.split(",") if cfg.seeds]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {cfg.seeds!r}") from None
     try:
         task = make_task(cfg.task, **task_options(cfg))
     except ValueError as e:
@@ -252,6 +274,11 @@ def safe_log(probs):
     return probs.float().masked_fill(zero, 1.0).log().masked_fill(zero, float("-inf"))
 
 
+def supervised_loss(logits, targets):
+    """logits: (B, T, V), targets: (B, T) with -1 where nothing is learned -> mean cross-entropy."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 def token_logprobs(logits, tokens, temperature=1.0):
     """logits: (N, R, V) predicting tokens: (N, R) -> (N, R) log-probabilities at the sampling temperature."""
     return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -314,6 +341,13 @@ def autocast(device):
     return nullcontext()
 
 
+def now(device):
+    """Wall time, after waiting for queued GPU work so that phases are timed honestly."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class Env:
     """What every stage shares: config, device, task, tokenizer and the fixed problem sets."""
 
@@ -335,6 +369,14 @@ class Env:
     def prompts(self, problems):
         """list of (prompt, answer) -> (B, P) token ids on the device."""
         return torch.tensor([self.tok.encode(p) for p, _ in problems], device=self.device)
+
+    def solutions(self, problems):
+        """Worked solutions: inputs (B, P+C-1) and targets (B, P+C-1), -1 on the prompt (not learned)."""
+        seq = torch.tensor([self.tok.encode(p + self.task.solution(p)) + [self.eos_id] for p, _ in problems],
+                           device=self.device)  # (B, P+C)
+        targets = seq[:, 1:].clone()
+        targets[:, : self.prompt_len - 1] = -1
+        return seq[:, :-1], targets
 
     def rewards(self, seq, problems, group_size):
         """seq: (N, P+R) rollouts, group_size consecutive rows per problem -> (N,) rewards."""
@@ -371,20 +413,23 @@ def load_checkpoint(path, device):
 @torch.inference_mode()
 def evaluate(env, model, problems, layers=None):
     """Greedy held-out accuracy of the final layer and of each exit head in `layers` (early exit: blocks
-    1..l only), and, on the final layer's own greedy completions, the mean JSD and top-1 agreement of each
-    exit with the final layer. Returns a flat dict of floats."""
+    1..l only) with its sampling time, and, on the final layer's own greedy completions, their mean length
+    and the mean JSD and top-1 agreement of each exit with the final layer. Returns a flat dict of floats."""
     L = model.config.n_layer
     layers = list(range(1, L + 1)) if layers is None else layers
     prompts, P, out = env.prompts(problems), env.prompt_len, {}
     with autocast(env.device):
         for layer in sorted(set(layers) | {L}, reverse=True):
+            t0 = now(env.device)
             seq, _ = model.generate(prompts, env.max_new, temperature=0, eos_id=env.eos_id, exit_layer=layer)
+            out[f"sec_L{layer}"] = now(env.device) - t0  # greedy sampling time of the whole set
             out[f"acc_L{layer}"] = env.rewards(seq, problems, 1).mean().item()
             if layer == L:
                 final_seq = seq
         exits = [layer for layer in layers if layer < L]
         logits, exit_logits, _ = model(final_seq[:, :-1], exit_layers=exits)
     mask = response_mask(final_seq[:, P:], env.eos_id)
+    out["len"] = mask.sum(1).mean().item()  # final layer's response length, EOS included
     teacher = F.log_softmax(logits[:, P - 1:].float(), -1)
     for layer in exits:
         student = F.log_softmax(exit_logits[layer][:, P - 1:].float(), -1)
@@ -410,16 +455,11 @@ def warmup(env):
     torch.manual_seed(cfg.seed)
     model = GPT(env.model_config(cfg)).to(env.device)
     opt = make_optimizer(model, cfg.sft_lr, env.device)
-    rng, P, t0 = random.Random(cfg.seed + 1), env.prompt_len, time.time()
+    rng, t0 = random.Random(cfg.seed + 1), time.time()
     for step in range(1, cfg.sft_max_steps + 1):
-        problems = sample_problems(env.task, rng, cfg.sft_batch, env.exclude)
-        seq = torch.tensor([env.tok.encode(p + env.task.solution(p)) + [env.eos_id] for p, _ in problems],
-                           device=env.device)  # (B, P+C)
-        targets = seq[:, 1:].clone()
-        targets[:, : P - 1] = -1  # learn the completion only, not the prompt
+        inputs, targets = env.solutions(sample_problems(env.task, rng, cfg.sft_batch, env.exclude))
         with autocast(env.device):
-            logits = model(seq[:, :-1])[0]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = supervised_loss(model(inputs)[0], targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -489,13 +529,6 @@ def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=No
     return total, terms
 
 
-def now(device):
-    """Wall time, after waiting for queued GPU work so that phases are timed honestly."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
     """One GRPO(+OISD) step on `problems`: rollouts, group advantages, then num_iterations updates.
     forward: the (possibly compiled) model used for the training forward. ref: frozen model for the KL.
@@ -513,6 +546,12 @@ def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
     for _ in range(cfg.num_iterations):
         t0 = now(dev)
         total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
+        if cfg.lambda_exit_ce > 0:  # the control arm grpo_ce_exits
+            inputs, targets = env.solutions(problems)
+            with autocast(dev):
+                exits = forward(inputs, exit_layers=layer_list(cfg))[1]
+            terms["exit_ce"] = sum(supervised_loss(x, targets) for x in exits.values()) / len(exits)
+            total = total + cfg.lambda_exit_ce * terms["exit_ce"]
         opt.zero_grad(set_to_none=True)
         total.backward()
         t1 = now(dev)
@@ -525,11 +564,43 @@ def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
     return {k: v.item() for k, v in stats.items()}, seconds
 
 
+def diagnose(env, cfg, model, problems, generator):
+    """Why the signed weighting trains the exit so little, measured on one fresh batch of rollouts:
+    the mean over groups of the sum of the alignment weights, the correlation over rollouts between the
+    advantage and the rollout's mean logit JSD (aligned exit vs final layer), and the gradient norms of
+    the alignment terms and of the GRPO term. Leaves no gradient behind."""
+    P = env.prompt_len
+    seq, old_logp, rewards = rollout(env, model, problems, generator)
+    advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
+    weights = alignment_weights(advantages, cfg.adv_weighting)
+    mask = response_mask(seq[:, P:], env.eos_id)
+    total, terms = rl_loss(cfg, model, seq, P, old_logp, advantages, mask)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_norm(loss):
+        if not torch.is_tensor(loss):
+            return 0.0
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum(g.square().sum() for g in grads if g is not None)).item()
+
+    align = cfg.lambda_logit * terms.get("logit", 0.0) + cfg.lambda_attn * terms.get("attn", 0.0)
+    out = {"w_group_sum": weights.view(-1, cfg.group_size).sum(1).mean().item(),
+           "align_grad_norm": grad_norm(align), "grpo_grad_norm": grad_norm(terms["grpo"])}
+    with torch.no_grad():
+        logits, exits, _ = model(seq[:, :-1], exit_layers=layer_list(cfg))
+        jsd = js_divergence(F.log_softmax(exits[layer_list(cfg)[0]][:, P - 1:], -1), F.log_softmax(logits[:, P - 1:], -1))
+        per_rollout = (jsd * mask).sum(1) / mask.sum(1)
+    informative = advantages != 0
+    if informative.sum() > 2:
+        out["jsd_adv_corr"] = torch.corrcoef(torch.stack([per_rollout[informative], advantages[informative]]))[0, 1].item()
+    return out
+
+
 def train_arm(env, arm, warm_state, start, log):
     """Train one arm from the warm-up weights for rl_steps steps, evaluating every eval_every steps.
     start: the warm-up model's evaluation. Checkpoints to out_dir/<arm>.pt; with --resume an
     interrupted arm continues where it stopped. Returns the final evaluation dict."""
-    cfg = dataclasses.replace(env.cfg, **ARMS[arm])
+    cfg = arm_config(env.cfg, arm)
     torch.manual_seed(cfg.seed)
     model = load_policy(env, cfg, warm_state)
     ref = load_policy(env, cfg, warm_state).eval() if cfg.kl_beta > 0 else None
@@ -543,20 +614,27 @@ def train_arm(env, arm, warm_state, start, log):
         opt.load_state_dict(ck["optimizer"])
         rng.setstate(ck["rng"])
         gen.set_state(ck["gen"].cpu())
-        step, result = ck["step"], ck["result"]
+        step, result, train_seconds = ck["step"], ck["result"], ck["train_seconds"]
         print(f"{arm}: resumed from {path} at step {step}")
+    else:
+        train_seconds = 0.0  # time spent in RL steps, evaluation excluded
     forward = torch.compile(model) if cfg.compile else model
     sums, last = {}, (step, time.time())
     while step < cfg.rl_steps:
         step += 1
         problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
-        stats, _ = rl_step(env, cfg, model, opt, problems, gen, forward, ref)
+        stats, seconds = rl_step(env, cfg, model, opt, problems, gen, forward, ref)
+        train_seconds += sum(seconds.values())
         for name, value in stats.items():
             if not math.isfinite(value):
                 sys.exit(f"error: {arm} step {step}: {name} is {value}; stopping (try a lower --rl_lr)")
             sums[name] = sums.get(name, 0.0) + value
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
-            result = evaluate(env, model, env.test)
+            result = dict(evaluate(env, model, env.test), train_seconds=train_seconds)
+            if cfg.lambda_logit > 0 or cfg.lambda_attn > 0:
+                problems = sample_problems(env.task, random.Random(step), cfg.prompts_per_step, env.exclude)
+                diag = diagnose(env, cfg, model, problems, torch.Generator(env.device).manual_seed(step))
+                log({"arm": arm, "step": step, **{f"diag_{k}": v for k, v in diag.items()}})
         if step % cfg.log_every == 0 or step == cfg.rl_steps:
             n, seconds = step - last[0], time.time() - last[1]
             means = {k: v / n for k, v in sums.items()}
@@ -569,7 +647,36 @@ def train_arm(env, arm, warm_state, start, log):
             sums, last = {}, (step, time.time())
         if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "result": result,
-                         "rng": rng.getstate(), "gen": gen.get_state(), "config": dataclasses.asdict(cfg)}, path)
+                         "train_seconds": train_seconds, "rng": rng.getstate(), "gen": gen.get_state(),
+                         "config": dataclasses.asdict(cfg)}, path)
+    return result
+
+
+def continue_warmup(env, warm_state, seconds, log):
+    """The control arm sft_more: no RL, the supervised warm-up continued for `seconds` of training time
+    (the grpo arm's), evaluated like an RL arm. Cached in out_dir/sft_more.pt once finished."""
+    cfg, path = env.cfg, os.path.join(env.cfg.out_dir, "sft_more.pt")
+    if cfg.resume and os.path.exists(path):
+        print(f"sft_more: reusing {path}")
+        return load_checkpoint(path, env.device)["result"]
+    torch.manual_seed(cfg.seed)
+    model = load_policy(env, cfg, warm_state)
+    opt = make_optimizer(model, cfg.sft_lr, env.device)
+    rng, spent, step = random.Random(cfg.seed + 4), 0.0, 0
+    while spent < seconds:
+        step += 1
+        t0 = now(env.device)
+        inputs, targets = env.solutions(sample_problems(env.task, rng, cfg.sft_batch, env.exclude))
+        with autocast(env.device):
+            loss = supervised_loss(model(inputs)[0], targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        spent += now(env.device) - t0
+    result = dict(evaluate(env, model, env.test), train_seconds=spent)
+    print(f"  sft_more {step} supervised steps in {spent:.0f}s | held-out acc {result[f'acc_L{cfg.n_layer}']:6.1%}")
+    log({"arm": "sft_more", "step": step, **result})
+    save_atomic({"model": model.state_dict(), "result": result, "config": dataclasses.asdict(cfg)}, path)
     return result
 
 
@@ -642,18 +749,9 @@ def print_table(rows, n_layer):
         print(f"{name:<26}" + "".join(f"{res[f'acc_L{l}']:9.1%}" for l in layers))
 
 
-def main(argv):
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    env = Env(cfg)
-    print(f"device: {env.device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
-    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    if cfg.bench:
-        bench(env)
-        return
+def run_seed(env):
+    """Warm-up, then every arm from that checkpoint; prints and saves the table. Returns {row: evaluation}."""
+    cfg = env.cfg
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     warm_state = warmup(env)
@@ -666,12 +764,86 @@ def main(argv):
     rows = {"warm-up start": evaluate(env, load_policy(env, cfg, warm_state), env.test)}
     log({"arm": "warm-up start", "step": 0, **rows["warm-up start"]})
     for arm in cfg.arms.split(","):
-        rows[arm] = train_arm(env, arm, warm_state, rows["warm-up start"], log)
+        if arm == "sft_more":
+            rows[arm] = continue_warmup(env, warm_state, rows["grpo"]["train_seconds"], log)
+        else:
+            rows[arm] = train_arm(env, arm, warm_state, rows["warm-up start"], log)
     print()
     print_table(rows, cfg.n_layer)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\ntotal time {time.time() - t0:.0f}s; metrics in {cfg.out_dir}/metrics.jsonl, results in {cfg.out_dir}/results.json")
+    return rows
+
+
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (normal beyond)
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def summarize(per_seed, n_layer):
+    """per_seed: {seed: {row: evaluation}} -> {row: summary}: mean and std over seeds of the final-layer
+    accuracy, the paired difference to grpo on the same seeds with a 95% t-interval, and means of the
+    per-layer accuracy, exit agreement and JSD, response length, sampling time and training time."""
+    seeds, L = list(per_seed), n_layer
+    out = {}
+    for row in per_seed[seeds[0]]:
+        evals = [per_seed[s][row] for s in seeds]
+        acc = np.array([e[f"acc_L{L}"] for e in evals])
+        summary = {"n": len(seeds), "final_mean": acc.mean(), "final_std": acc.std(ddof=1) if len(acc) > 1 else 0.0}
+        if "grpo" in per_seed[seeds[0]] and row != "grpo" and len(seeds) > 1:
+            diff = acc - np.array([per_seed[s]["grpo"][f"acc_L{L}"] for s in seeds])
+            half = (T95[len(diff) - 2] if len(diff) <= 11 else 1.96) * diff.std(ddof=1) / np.sqrt(len(diff))
+            summary.update(diff_mean=diff.mean(), diff_lo=diff.mean() - half, diff_hi=diff.mean() + half)
+        for key in evals[0]:
+            summary[key] = float(np.mean([e.get(key, np.nan) for e in evals]))
+        out[row] = {k: float(v) for k, v in summary.items()}
+    return out
+
+
+def print_summary(summary, n_layer):
+    """The experiment table, as markdown."""
+    L, exits = n_layer, range(n_layer - 1, 0, -1)
+    lines = ["| arm | final layer, mean ± std | vs grpo (paired, 95% CI) | "
+             + " | ".join(f"exit L{l}" for l in exits) + " | agree L2 | length | train s |",
+             "|---|---|---|" + "---|" * len(exits) + "---|---|---|"]
+    for row, s in summary.items():
+        diff = f"{100 * s['diff_mean']:+.1f} [{100 * s['diff_lo']:+.1f}, {100 * s['diff_hi']:+.1f}]" if "diff_mean" in s else ""
+        agree = f"{100 * s['agree_L2']:.1f}" if not math.isnan(s.get("agree_L2", math.nan)) else ""
+        lines.append(f"| {row} | {100 * s['final_mean']:.1f} ± {100 * s['final_std']:.1f} | {diff} | "
+                     + " | ".join(f"{100 * s[f'acc_L{l}']:.1f}" for l in exits)
+                     + f" | {agree} | {s['len']:.2f} | {s.get('train_seconds', math.nan):.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv):
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    env = Env(cfg)
+    print(f"device: {env.device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    if cfg.bench:
+        bench(env)
+        return
+    if not cfg.seeds:
+        run_seed(env)
+        return
+    per_seed = {}
+    for seed in [int(x) for x in cfg.seeds.split(",")]:
+        print(f"\n=== seed {seed} ===")
+        per_seed[seed] = run_seed(Env(dataclasses.replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"))))
+    summary = summarize(per_seed, cfg.n_layer)
+    print(f"\n{len(per_seed)} seeds, held-out greedy accuracy (%), means over seeds:")
+    text = print_summary(summary, cfg.n_layer)
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, f, indent=1)
+    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    print(f"saved {cfg.out_dir}/summary.json and summary.md")
 
 
 if __name__ == "__main__":
