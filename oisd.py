@@ -817,6 +817,100 @@ def print_summary(summary, n_layer):
     return text
 
 
+def diagnostics_table(cfg, seeds, arms):
+    """Means over seeds and evaluation steps of the diagnose() records in each seed's metrics.jsonl."""
+    keys = ["w_group_sum", "jsd_adv_corr", "align_grad_norm", "grpo_grad_norm"]
+    lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for arm in arms:
+        records = [r for s in seeds for line in open(os.path.join(cfg.out_dir, f"seed{s}", "metrics.jsonl"))
+                   for r in [json.loads(line)] if r["arm"] == arm and "diag_w_group_sum" in r]
+        if records:
+            lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r.get('diag_' + k, np.nan) for r in records]):.4f}"
+                                                  for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def early_exit_table(summary, n_layer, arms):
+    """Greedy accuracy and sampling time of the held-out set when only blocks 1..l run, per arm."""
+    shown = [a for a in arms if a in summary]
+    lines = ["| exit layer | seconds (speed-up) | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+    full = np.mean([summary[a][f"sec_L{n_layer}"] for a in shown])
+    for layer in range(n_layer, 0, -1):
+        sec = np.mean([summary[a][f"sec_L{layer}"] for a in shown])
+        lines.append(f"| {layer} | {sec:.3f} ({full / sec:.2f}x) | "
+                     + " | ".join(f"{100 * summary[a][f'acc_L{layer}']:.1f}" for a in shown) + " |")
+    return "\n".join(lines)
+
+
+def make_plots(env, seeds, arms):
+    """PNGs next to the summary, if matplotlib is installed: accuracy vs step per arm (final layer and the
+    aligned exit, mean over seeds with a min-max band); early-exit accuracy per layer per arm; and one
+    held-out prompt's head-averaged attention in the aligned and the final layer, before and after RL."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    cfg, L = env.cfg, env.cfg.n_layer
+    aligned = layer_list(cfg)[0]
+    records = [json.loads(line) for s in seeds for line in open(os.path.join(cfg.out_dir, f"seed{s}", "metrics.jsonl"))]
+    curves = [a for a in arms if a != "sft_more"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, layer in zip(axes, (L, aligned)):
+        for arm in curves:
+            by_step = {}
+            for r in records:
+                if r["arm"] in (arm, "warm-up start") and f"acc_L{layer}" in r and r["step"] % cfg.eval_every == 0:
+                    by_step.setdefault(r["step"], []).append(r[f"acc_L{layer}"])  # one per seed
+            steps = sorted(by_step)
+            values = [np.array(by_step[t]) * 100 for t in steps]
+            line, = ax.plot(steps, [v.mean() for v in values], label=arm)
+            ax.fill_between(steps, [v.min() for v in values], [v.max() for v in values], color=line.get_color(), alpha=0.12)
+        ax.set(xlabel="RL step", ylabel="held-out greedy accuracy (%)",
+               title="final layer" if layer == L else f"early exit at layer {layer} (the aligned layer)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "accuracy_vs_step.png"), dpi=90)
+    summary = json.load(open(os.path.join(cfg.out_dir, "summary.json")))["summary"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm in ["warm-up start"] + list(arms):
+        ax.plot(range(1, L + 1), [100 * summary[arm][f"acc_L{l}"] for l in range(1, L + 1)], marker="o", label=arm)
+    ax.set(xlabel="exit layer (blocks run)", ylabel="held-out greedy accuracy (%)", xticks=range(1, L + 1),
+           title=f"early-exit accuracy, mean of {len(seeds)} seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "exit_accuracy.png"), dpi=90)
+    # attention of one held-out prompt, seed `seeds[0]`
+    seed_dir = os.path.join(cfg.out_dir, f"seed{seeds[0]}")
+    shown = [a for a in ("grpo", "oisd", "oisd_pos") if a in arms]
+    prompt = env.prompts(env.test[:1])
+    fig, axes = plt.subplots(2, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 6.4))
+    for col, arm in enumerate(["warm-up start"] + shown):
+        acfg = arm_config(dataclasses.replace(cfg, seed=seeds[0]), arm if arm != "warm-up start" else "grpo")
+        model = GPT(env.model_config(acfg)).to(env.device)
+        if arm == "warm-up start":
+            warm = [f for f in os.listdir(seed_dir) if f.startswith("warmup-")][0]
+            model.load_state_dict(load_checkpoint(os.path.join(seed_dir, warm), env.device)["model"], strict=False)
+            model.reset_exit_heads()
+        else:
+            model.load_state_dict(load_checkpoint(os.path.join(seed_dir, f"{arm}.pt"), env.device)["model"])
+        with torch.inference_mode():
+            seq, _ = model.generate(prompt, env.max_new, temperature=0, eos_id=env.eos_id)
+            _, _, attns = model(seq[:, :-1], attn_layers=(aligned, L))
+        labels = [env.tok.decode([t]).replace(EOS, "$") for t in seq[0, :-1].tolist()]
+        for row, layer in enumerate((aligned, L)):
+            ax = axes[row, col]
+            ax.imshow(attns[layer][0].mean(0).float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_title(f"{arm}: layer {layer}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "attention.png"), dpi=90)
+    print(f"saved plots in {cfg.out_dir}: accuracy_vs_step.png exit_accuracy.png attention.png")
+
+
 def main(argv):
     try:
         cfg = parse_args(argv)
@@ -839,11 +933,17 @@ def main(argv):
     summary = summarize(per_seed, cfg.n_layer)
     print(f"\n{len(per_seed)} seeds, held-out greedy accuracy (%), means over seeds:")
     text = print_summary(summary, cfg.n_layer)
+    arms = cfg.arms.split(",")
+    text += "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, per_seed, arms)
+    text += "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n" + early_exit_table(
+        summary, cfg.n_layer, ["warm-up start"] + arms)
+    print(text[text.index("\n\nAlignment"):])
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, f, indent=1)
     with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
         f.write(text + "\n")
     print(f"saved {cfg.out_dir}/summary.json and summary.md")
+    make_plots(env, list(per_seed), arms)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,17 @@ def test_group_advantages():
     assert torch.equal(group_advantages(torch.full((8,), 0.3), 4, scale=True), torch.zeros(8))
 
 
+def test_signed_weights_cancel_within_each_group():
+    """Why the signed weighting barely trains the exit: its weights sum to zero in every group."""
+    rewards = (torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    adv = group_advantages(rewards, 8)
+    signed = alignment_weights(adv, "signed").view(8, 8).sum(1)
+    positive = alignment_weights(adv, "positive").view(8, 8).sum(1)
+    assert signed.abs().max() < 1e-5
+    informative = rewards.view(8, 8).std(1) > 0
+    assert (positive[informative] > 0.5).all() and (positive[~informative] == 0).all()
+
+
 def test_alignment_weights():
     a = torch.tensor([-1.5, 0.0, 2.0])
     assert torch.equal(alignment_weights(a, "signed"), a)
@@ -381,6 +392,26 @@ def test_tasks_and_heldout_split():
 
 # ---------------------------------------------------------------- the command line and the loop
 
+def test_arm_config():
+    cfg = oisd.arm_config(Config(), "oisd_pos:1+3")
+    assert cfg.align_layers == "1,3" and cfg.adv_weighting == "positive" and cfg.lambda_logit == 1.0
+    grpo = oisd.arm_config(Config(), "grpo")
+    assert grpo.lambda_logit == 0 and grpo.lambda_attn == 0
+    assert oisd.arm_config(Config(), "oisd_lens").exit_norm == "ln_f"
+    assert oisd.parse_args(["--arms=grpo,oisd_pos:1+2+3,sft_more"]).arms == "grpo,oisd_pos:1+2+3,sft_more"
+
+
+def test_summarize_paired_difference_interval():
+    final = {"grpo": [0.70, 0.75, 0.80, 0.72, 0.78], "oisd": [0.72, 0.74, 0.85, 0.75, 0.80]}
+    per_seed = {s: {arm: {"acc_L4": final[arm][s], "len": 5.0} for arm in final} for s in range(5)}
+    out = oisd.summarize(per_seed, 4)["oisd"]
+    diff = np.array(final["oisd"]) - np.array(final["grpo"])
+    half = 2.776 * diff.std(ddof=1) / math.sqrt(5)  # Student's t, 4 degrees of freedom, 97.5% quantile
+    assert out["diff_mean"] == pytest.approx(diff.mean())
+    assert (out["diff_lo"], out["diff_hi"]) == pytest.approx((diff.mean() - half, diff.mean() + half))
+    assert out["final_std"] == pytest.approx(np.std(final["oisd"], ddof=1))
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, os.path.join(HERE, "oisd.py"), *args], capture_output=True, text=True,
                           cwd=HERE, timeout=120)
@@ -388,7 +419,8 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("arg", ["--n_embd=-8", "--align_layers=4", "--align_layers=0", "--task=mul",
                                  "--lambda_attn=-1", "--group_size=1", "--rl_steps=ten", "--colour=red",
-                                 "--adv_weighting=sometimes"])
+                                 "--adv_weighting=sometimes", "--arms=sft_more,grpo", "--arms=oisd_pos:4",
+                                 "--seeds=0,x", "--preset=tpu", "--block_size=8"])
 def test_cli_rejects_bad_values_with_status_2(arg):
     with pytest.raises(SystemExit) as e:
         oisd.main([arg])
