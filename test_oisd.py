@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import experiments
 import oisd
 from model import GPT, GPTConfig, KVCache
 from oisd import (Config, alignment_weights, attention_alignment_loss, group_advantages, grpo_loss,
@@ -404,7 +405,7 @@ def test_arm_config():
 def test_summarize_paired_difference_interval():
     final = {"grpo": [0.70, 0.75, 0.80, 0.72, 0.78], "oisd": [0.72, 0.74, 0.85, 0.75, 0.80]}
     per_seed = {s: {arm: {"acc_L4": final[arm][s], "len": 5.0} for arm in final} for s in range(5)}
-    out = oisd.summarize(per_seed, 4)["oisd"]
+    out = experiments.summarize(per_seed, 4)["oisd"]
     diff = np.array(final["oisd"]) - np.array(final["grpo"])
     half = 2.776 * diff.std(ddof=1) / math.sqrt(5)  # Student's t, 4 degrees of freedom, 97.5% quantile
     assert out["diff_mean"] == pytest.approx(diff.mean())
@@ -460,3 +461,10 @@ def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     result = run_cli(*SMOKE, f"--out_dir={tmp_path}", "--rl_steps=1", "--resume")
     assert result.returncode != 0
     assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_step_and_term(tmp_path, monkeypatch):
+    monkeypatch.setattr(oisd, "grpo_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as e:
+        oisd.main(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=3"])
+    assert "step 1" in str(e.value.code) and "loss_grpo" in str(e.value.code)
