@@ -184,6 +184,8 @@ def validate(cfg):
         raise ConfigError(f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
     if not 0 < cfg.sft_target_acc <= 1:
         raise ConfigError(f"--sft_target_acc must be in (0, 1], got {cfg.sft_target_acc}")
+    if (cfg.device == "cuda" and not torch.cuda.is_available()) or (cfg.device == "mps" and not torch.backends.mps.is_available()):
+        raise ConfigError(f"--device={cfg.device} is not available on this machine")
     if cfg.eval_size > 500:
         raise ConfigError(f"--eval_size must be <= 500 (the held-out set), got {cfg.eval_size}")
     try:
@@ -207,6 +209,7 @@ def validate(cfg):
         raise ConfigError(f"--seeds expects comma-separated integers, got {cfg.seeds!r}") from None
     try:
         task = make_task(cfg.task, **task_options(cfg))
+        heldout_split(task)  # too small a task has no room for the held-out problems
     except ValueError as e:
         raise ConfigError(f"--task: {e}") from None
     longest = len(task.sample(random.Random(0))[0]) + (cfg.max_new_tokens or task.completion_tokens + 2)
@@ -399,11 +402,16 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, keys=("model",)):
+    """torch.load, or exit with one clear line if the file is unreadable or lacks one of `keys`."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
+        missing = [k for k in keys if k not in ck]
     except Exception as e:  # any unreadable file: one clear line instead of a deep traceback
         sys.exit(f"error: checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it and rerun")
+    if missing:
+        sys.exit(f"error: checkpoint {path} lacks {', '.join(missing)}; delete it and rerun")
+    return ck
 
 
 # -----------------------------------------------------------------------------
@@ -608,9 +616,13 @@ def train_arm(env, arm, warm_state, start, log):
     gen = torch.Generator(env.device).manual_seed(cfg.seed + 3)  # the rollouts' sampling noise
     path, step, result = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, start
     if cfg.resume and os.path.exists(path):
-        ck = load_checkpoint(path, env.device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        ck = load_checkpoint(path, env.device, ("model", "optimizer", "step", "result", "train_seconds", "rng", "gen"))
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            sys.exit(f"error: checkpoint {path} does not fit this config ({str(e).splitlines()[0]}); "
+                     "use another --out_dir or run without --resume")
         rng.setstate(ck["rng"])
         gen.set_state(ck["gen"].cpu())
         step, result, train_seconds = ck["step"], ck["result"], ck["train_seconds"]
@@ -657,7 +669,7 @@ def continue_warmup(env, warm_state, seconds, log):
     cfg, path = env.cfg, os.path.join(env.cfg.out_dir, "sft_more.pt")
     if cfg.resume and os.path.exists(path):
         print(f"sft_more: reusing {path}")
-        return load_checkpoint(path, env.device)["result"]
+        return load_checkpoint(path, env.device, ("result",))["result"]
     torch.manual_seed(cfg.seed)
     model = load_policy(env, cfg, warm_state)
     opt = make_optimizer(model, cfg.sft_lr, env.device)

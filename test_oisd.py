@@ -421,7 +421,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("arg", ["--n_embd=-8", "--align_layers=4", "--align_layers=0", "--task=mul",
                                  "--lambda_attn=-1", "--group_size=1", "--rl_steps=ten", "--colour=red",
                                  "--adv_weighting=sometimes", "--arms=sft_more,grpo", "--arms=oisd_pos:4",
-                                 "--seeds=0,x", "--preset=tpu", "--block_size=8"])
+                                 "--seeds=0,x", "--preset=tpu", "--block_size=8", "--digits=1"])
 def test_cli_rejects_bad_values_with_status_2(arg):
     with pytest.raises(SystemExit) as e:
         oisd.main([arg])
@@ -468,3 +468,10 @@ def test_nan_loss_stops_with_step_and_term(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         oisd.main(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=3"])
     assert "step 1" in str(e.value.code) and "loss_grpo" in str(e.value.code)
+
+
+def test_checkpoint_without_the_expected_keys_is_one_clear_line(tmp_path):
+    path = str(tmp_path / "grpo.pt")
+    torch.save({"model": {}}, path)
+    with pytest.raises(SystemExit, match="lacks optimizer, step"):
+        oisd.load_checkpoint(path, "cpu", ("model", "optimizer", "step"))
