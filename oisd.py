@@ -547,8 +547,8 @@ def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
     mask = response_mask(seq[:, P:], env.eos_id)
     ref_logp = None
     if ref is not None:
-        with torch.inference_mode(), autocast(dev):
-            ref_logp = token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature).clone()
+        with torch.no_grad(), autocast(dev):
+            ref_logp = token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature)
     seconds = {"rollout": now(dev) - t0, "fwd_bwd": 0.0, "optim": 0.0}
     for _ in range(cfg.num_iterations):
         t0 = now(dev)
@@ -581,7 +581,7 @@ def diagnose(env, cfg, model, problems, generator):
     advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
     weights = alignment_weights(advantages, cfg.adv_weighting)
     mask = response_mask(seq[:, P:], env.eos_id)
-    total, terms = rl_loss(cfg, model, seq, P, old_logp, advantages, mask)
+    _, terms = rl_loss(dataclasses.replace(cfg, kl_beta=0.0), model, seq, P, old_logp, advantages, mask)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grad_norm(loss):

@@ -4,6 +4,7 @@ Fast CPU tests; each checks the code against an independent computation (numpy, 
     python -m pytest -q
 """
 
+import json
 import math
 import os
 import random
@@ -454,6 +455,12 @@ def test_smoke_run_trains_checkpoints_and_resumes_exactly(tmp_path, capsys):
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0)
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count('"arm": "oisd_pos"') >= 4
+
+
+def test_kl_sequence_reduction_and_several_iterations_run(tmp_path):
+    oisd.main(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=2", "--kl_beta=0.1", "--loss_reduction=sequence",
+                       "--num_iterations=2", "--scale_advantages=false", "--arms=grpo,oisd_none"])
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"warm-up start", "grpo", "oisd_none"}
 
 
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
