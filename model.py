@@ -212,7 +212,7 @@ class GPT(nn.Module):
         seq = idx.repeat_interleave(num_samples, dim=0)  # (N, P)
         done = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
         logprobs = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = logits.float()
             if temperature == 0:
                 logp = F.log_softmax(logits, dim=-1)
@@ -225,8 +225,8 @@ class GPT(nn.Module):
                 done = done | (tok == eos_id)
             seq = torch.cat([seq, tok[:, None]], dim=1)
             logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))
-            if eos_id is not None and bool(done.all()):
-                break
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break  # no forward for a token that will not be sampled
             if use_cache:
                 logits = self(tok[:, None], cache=cache, stop_layer=n_layer)[0][:, -1]
             else:
