@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from model import GPT
-from oisd import (ARMS, Env, arm_config, autocast, layer_list, load_checkpoint, make_optimizer, now, rl_step,
-                  run_seed, sample_problems)
+from oisd import (ARMS, Env, arm_config, autocast, layer_list, load_checkpoint, load_policy, make_optimizer, now,
+                  rl_step, run_seed, sample_problems, warmup)
 from tasks import EOS
 
 
@@ -30,7 +30,7 @@ def bench(env):
     cfg, dev = env.cfg, env.device
     arms = {}
     for arm in ("grpo", "oisd"):
-        acfg = dataclasses.replace(cfg, **ARMS[arm])
+        acfg = arm_config(cfg, arm)
         torch.manual_seed(cfg.seed)
         model = GPT(env.model_config(acfg)).to(dev)
         arms[arm] = dict(cfg=acfg, model=model, opt=make_optimizer(model, cfg.rl_lr, dev),
@@ -56,7 +56,8 @@ def bench(env):
         med["sampled tok/s"] = float(np.median(a["tokens"])) / med["rollout"]
         if dev == "cuda":
             n_params = sum(p.numel() for p in a["model"].parameters())
-            trained = n * (env.prompt_len + env.max_new - 1)  # an upper bound on the tokens trained per step
+            # tokens trained per step, an upper bound: each prompt once per group, then R <= max_new per rollout
+            trained = cfg.prompts_per_step * (env.prompt_len - 1) + n * env.max_new
             med["train TFLOP/s"] = 6 * n_params * trained / med["fwd_bwd"] / 1e12
             med["peak GiB"] = peak[arm]
         rows[arm] = med
@@ -92,7 +93,7 @@ def run_grid(cfg):
         per_seed[seed] = run_seed(Env(dataclasses.replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"))))
     summary = summarize(per_seed, cfg.n_layer)
     print(f"\n{len(per_seed)} seeds, held-out greedy accuracy (%), means over seeds:")
-    text = print_summary(summary, cfg.n_layer)
+    text = print_summary(summary, cfg.n_layer, layer_list(cfg)[0])
     arms = cfg.arms.split(",")
     text += "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, per_seed, arms)
     text += "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n" + early_exit_table(
@@ -106,8 +107,9 @@ def run_grid(cfg):
     make_plots(Env(cfg), list(per_seed), arms)
 
 
-# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (normal beyond)
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond 30, the normal's 1.96)
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def summarize(per_seed, n_layer):
@@ -122,7 +124,7 @@ def summarize(per_seed, n_layer):
         summary = {"n": len(seeds), "final_mean": acc.mean(), "final_std": acc.std(ddof=1) if len(acc) > 1 else 0.0}
         if "grpo" in per_seed[seeds[0]] and row != "grpo" and len(seeds) > 1:
             diff = acc - np.array([per_seed[s]["grpo"][f"acc_L{L}"] for s in seeds])
-            half = (T95[len(diff) - 2] if len(diff) <= 11 else 1.96) * diff.std(ddof=1) / np.sqrt(len(diff))
+            half = (T95[len(diff) - 2] if len(diff) <= 31 else 1.96) * diff.std(ddof=1) / np.sqrt(len(diff))
             summary.update(diff_mean=diff.mean(), diff_lo=diff.mean() - half, diff_hi=diff.mean() + half)
         for key in evals[0]:
             summary[key] = float(np.mean([e.get(key, np.nan) for e in evals]))
@@ -130,15 +132,15 @@ def summarize(per_seed, n_layer):
     return out
 
 
-def print_summary(summary, n_layer):
-    """The experiment table, as markdown."""
+def print_summary(summary, n_layer, aligned):
+    """The experiment table, as markdown. aligned: the layer whose top-1 agreement with the final is shown."""
     exits = range(n_layer - 1, 0, -1)
     lines = ["| arm | final layer, mean ± std | vs grpo (paired, 95% CI) | "
-             + " | ".join(f"exit L{l}" for l in exits) + " | agree L2 | length | train s |",
+             + " | ".join(f"exit L{l}" for l in exits) + f" | agree L{aligned} | length | train s |",
              "|---|---|---|" + "---|" * len(exits) + "---|---|---|"]
     for row, s in summary.items():
         diff = f"{100 * s['diff_mean']:+.1f} [{100 * s['diff_lo']:+.1f}, {100 * s['diff_hi']:+.1f}]" if "diff_mean" in s else ""
-        agree = f"{100 * s['agree_L2']:.1f}" if not math.isnan(s.get("agree_L2", math.nan)) else ""
+        agree = f"{100 * s[f'agree_L{aligned}']:.1f}" if not math.isnan(s.get(f"agree_L{aligned}", math.nan)) else ""
         lines.append(f"| {row} | {100 * s['final_mean']:.1f} ± {100 * s['final_std']:.1f} | {diff} | "
                      + " | ".join(f"{100 * s[f'acc_L{l}']:.1f}" for l in exits)
                      + f" | {agree} | {s['len']:.2f} | {s.get('train_seconds', math.nan):.0f} |")
@@ -147,13 +149,23 @@ def print_summary(summary, n_layer):
     return text
 
 
+def read_metrics(cfg, seeds):
+    """The records of every seed's metrics.jsonl, with "seed" added; a record repeated by a resumed run
+    (same seed, arm, step and kind of record) is kept once, the last."""
+    unique = {}
+    for seed in seeds:
+        for line in open(os.path.join(cfg.out_dir, f"seed{seed}", "metrics.jsonl")):
+            r = dict(json.loads(line), seed=seed)
+            unique[(seed, r["arm"], r["step"], tuple(sorted(r)))] = r
+    return list(unique.values())
+
+
 def diagnostics_table(cfg, seeds, arms):
     """Means over seeds and evaluation steps of the diagnose() records in each seed's metrics.jsonl."""
     keys = ["w_group_sum", "jsd_adv_corr", "align_grad_norm", "grpo_grad_norm"]
     lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for arm in arms:
-        records = [r for s in seeds for line in open(os.path.join(cfg.out_dir, f"seed{s}", "metrics.jsonl"))
-                   for r in [json.loads(line)] if r["arm"] == arm and "diag_w_group_sum" in r]
+        records = [r for r in read_metrics(cfg, seeds) if r["arm"] == arm and "diag_w_group_sum" in r]
         if records:
             lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r.get('diag_' + k, np.nan) for r in records]):.4f}"
                                                   for k in keys) + " |")
@@ -185,14 +197,15 @@ def make_plots(env, seeds, arms):
         return
     cfg, L = env.cfg, env.cfg.n_layer
     aligned = layer_list(cfg)[0]
-    records = [json.loads(line) for s in seeds for line in open(os.path.join(cfg.out_dir, f"seed{s}", "metrics.jsonl"))]
+    records = read_metrics(cfg, seeds)
     curves = [a for a in arms if a != "sft_more"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, layer in zip(axes, (L, aligned)):
         for arm in curves:
             by_step = {}
             for r in records:
-                if r["arm"] in (arm, "warm-up start") and f"acc_L{layer}" in r and r["step"] % cfg.eval_every == 0:
+                if r["arm"] in (arm, "warm-up start") and f"acc_L{layer}" in r and (r["step"] % cfg.eval_every == 0
+                                                                                      or r["step"] == cfg.rl_steps):
                     by_step.setdefault(r["step"], []).append(r[f"acc_L{layer}"])  # one per seed
             steps = sorted(by_step)
             values = [np.array(by_step[t]) * 100 for t in steps]
@@ -217,14 +230,11 @@ def make_plots(env, seeds, arms):
     shown = [a for a in ("grpo", "oisd", "oisd_pos") if a in arms]
     prompt = env.prompts(env.test[:1])
     fig, axes = plt.subplots(2, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 6.4))
+    seed_env = Env(dataclasses.replace(cfg, seed=seeds[0], out_dir=seed_dir))
+    warm_state = warmup(seed_env)  # the cached checkpoint of that seed
     for col, arm in enumerate(["warm-up start"] + shown):
-        acfg = arm_config(dataclasses.replace(cfg, seed=seeds[0]), arm if arm != "warm-up start" else "grpo")
-        model = GPT(env.model_config(acfg)).to(env.device)
-        if arm == "warm-up start":
-            warm = [f for f in os.listdir(seed_dir) if f.startswith("warmup-")][0]
-            model.load_state_dict(load_checkpoint(os.path.join(seed_dir, warm), env.device)["model"], strict=False)
-            model.reset_exit_heads()
-        else:
+        model = load_policy(seed_env, arm_config(seed_env.cfg, arm if arm in ARMS else "grpo"), warm_state)
+        if arm != "warm-up start":
             model.load_state_dict(load_checkpoint(os.path.join(seed_dir, f"{arm}.pt"), env.device)["model"])
         with torch.inference_mode():
             seq, _ = model.generate(prompt, env.max_new, temperature=0, eos_id=env.eos_id)

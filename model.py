@@ -199,7 +199,8 @@ class GPT(nn.Module):
         exit_layer: sample from that layer's exit head, running only blocks 1..exit_layer.
         use_cache=False re-runs the whole prefix every step (the naive loop, for comparison).
         Returns tokens (B*num_samples, P+R) and the log-probabilities at the sampling temperature
-        of the R sampled tokens (B*num_samples, R); sample j of prompt b is row b*num_samples+j.
+        (at 1 when greedy) of the R sampled tokens (B*num_samples, R); sample j of prompt b is row
+        b*num_samples+j.
         A row that has emitted eos_id keeps emitting it; R < max_new_tokens once every row is done.
         """
         B, P = idx.shape

@@ -75,8 +75,8 @@ class Config:
     rl_lr: float = 1e-4
     clip_eps: float = 0.2
     num_iterations: int = 1        # optimizer steps per rollout batch
-    kl_beta: float = 0.0           # k3 KL to the frozen warm-up model
-    scale_advantages: bool = True  # divide by the group's reward std (GRPO); False: Dr. GRPO
+    kl_beta: float = 0.0           # k3 estimate of KL(policy || frozen warm-up model)
+    scale_advantages: bool = True  # divide by the group's reward std (GRPO); False: centred only, as in Dr. GRPO
     loss_reduction: str = "token"  # token: mean over all response tokens | sequence: per-sequence mean, then mean
     grad_clip: float = 1.0
     # OISD
@@ -105,7 +105,7 @@ ARMS = {
     # controls: plain GRPO with the exits trained by supervised cross-entropy instead of by the teacher;
     # and no RL at all, the supervised warm-up continued for as long as the grpo arm trained
     "grpo_ce_exits": dict(lambda_logit=0.0, lambda_attn=0.0, lambda_exit_ce=1.0),
-    "sft_more": dict(lambda_logit=0.0, lambda_attn=0.0),
+    "sft_more": dict(),  # run by continue_warmup(), not by train_arm()
 }
 
 
@@ -298,8 +298,9 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_
     """PPO-clipped GRPO surrogate (DeepSeekMath), to be minimised.
     logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the rollout
     policy; advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
-    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3(ref || current),
-    k3 = exp(ref - logp) - (ref - logp) - 1. Reduced by masked_mean(reduction). Returns a scalar."""
+    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, where
+    k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled from the
+    current policy. Reduced by masked_mean(reduction). Returns a scalar."""
     ratio = (logp - old_logp).exp()
     adv = advantages.unsqueeze(1)  # (N, 1)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -358,9 +359,9 @@ class Env:
         self.task = make_task(cfg.task, **task_options(cfg))
         self.tok = get_tokenizer()
         self.eos_id = self.tok.eot_token
-        self.test, self.val = heldout_split(self.task)
-        self.test = self.test[: cfg.eval_size]
-        self.exclude = {p for p, _ in self.test + self.val}  # training never samples these prompts
+        test, self.val = heldout_split(self.task)
+        self.exclude = {p for p, _ in test + self.val}  # training never samples these prompts
+        self.test = test[: cfg.eval_size]
         self.prompt_len = len(self.task.sample(random.Random(0))[0])
         self.max_new = cfg.max_new_tokens or self.task.completion_tokens + 2
 
@@ -470,7 +471,7 @@ def warmup(env):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % cfg.sft_eval_every == 0:
+        if step % cfg.sft_eval_every == 0 or step == cfg.sft_max_steps:
             acc = evaluate(env, model, env.val, layers=[])[f"acc_L{cfg.n_layer}"]
             print(f"warm-up step {step:4d} | loss {loss.item():.3f} | val acc {acc:6.1%} | {time.time() - t0:5.1f}s")
             if acc >= cfg.sft_target_acc:
@@ -496,10 +497,9 @@ def load_policy(env, cfg, state):
 # -----------------------------------------------------------------------------
 # Stage 2: GRPO + OISD
 
-def rollout(env, model, problems, generator):
+def rollout(env, cfg, model, problems, generator):
     """Sample group_size completions per problem from the final layer.
     Returns seq (N, P+R), the rollout log-probs old_logp (N, R), rewards (N,)."""
-    cfg = env.cfg
     with autocast(env.device):
         seq, old_logp = model.generate(env.prompts(problems), env.max_new, cfg.temperature, cfg.group_size,
                                        env.eos_id, generator)
@@ -542,7 +542,7 @@ def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
     Returns (stats: {name: float}, seconds: {rollout, fwd_bwd, optim})."""
     forward, P, dev = forward or model, env.prompt_len, env.device
     t0 = now(dev)
-    seq, old_logp, rewards = rollout(env, model, problems, generator)
+    seq, old_logp, rewards = rollout(env, cfg, model, problems, generator)
     advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
     mask = response_mask(seq[:, P:], env.eos_id)
     ref_logp = None
@@ -572,12 +572,13 @@ def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
 
 
 def diagnose(env, cfg, model, problems, generator):
-    """Why the signed weighting trains the exit so little, measured on one fresh batch of rollouts:
-    the mean over groups of the sum of the alignment weights, the correlation over rollouts between the
-    advantage and the rollout's mean logit JSD (aligned exit vs final layer), and the gradient norms of
-    the alignment terms and of the GRPO term. Leaves no gradient behind."""
+    """Evidence on how much the alignment terms actually pull, on one fresh batch of rollouts: the mean
+    over groups of the sum of the alignment weights (about 0 for signed weights), the correlation over
+    rollouts between the advantage and the rollout's mean logit JSD (aligned exit vs final layer: if it is
+    small, signed pulls and pushes on similar rollouts cancel), and the gradient norms of the alignment
+    terms and of the GRPO term. Leaves no gradient behind."""
     P = env.prompt_len
-    seq, old_logp, rewards = rollout(env, model, problems, generator)
+    seq, old_logp, rewards = rollout(env, cfg, model, problems, generator)
     advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
     weights = alignment_weights(advantages, cfg.adv_weighting)
     mask = response_mask(seq[:, P:], env.eos_id)
@@ -603,6 +604,19 @@ def diagnose(env, cfg, model, problems, generator):
     return out
 
 
+# Fields that may change between a run and its --resume: how often things happen, and how long it runs.
+RESUMABLE = {"rl_steps", "eval_every", "log_every", "ckpt_every", "resume", "arms", "seeds", "device", "compile",
+             "out_dir", "bench", "bench_steps", "preset"}
+
+
+def check_same_config(ck, cfg, path):
+    """Exit with one line if the checkpoint was made with a config that differs beyond RESUMABLE."""
+    differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and ck["config"].get(k) != v]
+    if differ:
+        sys.exit(f"error: {path} was made with other settings ({', '.join(differ)}); "
+                 "use another --out_dir or run without --resume")
+
+
 def train_arm(env, arm, warm_state, start, log):
     """Train one arm from the warm-up weights for rl_steps steps, evaluating every eval_every steps.
     start: the warm-up model's evaluation. Checkpoints to out_dir/<arm>.pt; with --resume an
@@ -614,9 +628,11 @@ def train_arm(env, arm, warm_state, start, log):
     opt = make_optimizer(model, cfg.rl_lr, env.device)
     rng = random.Random(cfg.seed + 2)  # the prompts: the same sequence in every arm
     gen = torch.Generator(env.device).manual_seed(cfg.seed + 3)  # the rollouts' sampling noise
-    path, step, result = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, start
+    path, step, result = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, dict(start, train_seconds=0.0)
     if cfg.resume and os.path.exists(path):
-        ck = load_checkpoint(path, env.device, ("model", "optimizer", "step", "result", "train_seconds", "rng", "gen"))
+        ck = load_checkpoint(path, env.device, ("model", "optimizer", "step", "result", "train_seconds", "rng", "gen",
+                                                "config"))
+        check_same_config(ck, cfg, path)
         try:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -642,6 +658,7 @@ def train_arm(env, arm, warm_state, start, log):
             sums[name] = sums.get(name, 0.0) + value
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             result = dict(evaluate(env, model, env.test), train_seconds=train_seconds)
+            log({"arm": arm, "step": step, **result})
             if cfg.lambda_logit > 0 or cfg.lambda_attn > 0:
                 problems = sample_problems(env.task, random.Random(step), cfg.prompts_per_step, env.exclude)
                 diag = diagnose(env, cfg, model, problems, torch.Generator(env.device).manual_seed(step))
@@ -654,7 +671,7 @@ def train_arm(env, arm, warm_state, start, log):
                   + " ".join(f"{k[5:]} {v:+.4f}" for k, v in means.items() if k.startswith("loss_"))
                   + f" | {n / seconds:4.1f} steps/s {sums['tokens'] / seconds:5.0f} tok/s"
                   + f" | eta {(cfg.rl_steps - step) * seconds / n:4.0f}s")
-            log({"arm": arm, "step": step, **{f"train_{k}": v for k, v in means.items()}, **result})
+            log({"arm": arm, "step": step, **{f"train_{k}": v for k, v in means.items()}})
             sums, last = {}, (step, time.time())
         if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "result": result,
@@ -668,8 +685,10 @@ def continue_warmup(env, warm_state, seconds, log):
     (the grpo arm's), evaluated like an RL arm. Cached in out_dir/sft_more.pt once finished."""
     cfg, path = env.cfg, os.path.join(env.cfg.out_dir, "sft_more.pt")
     if cfg.resume and os.path.exists(path):
+        ck = load_checkpoint(path, env.device, ("result", "config"))
+        check_same_config(ck, cfg, path)
         print(f"sft_more: reusing {path}")
-        return load_checkpoint(path, env.device, ("result",))["result"]
+        return ck["result"]
     torch.manual_seed(cfg.seed)
     model = load_policy(env, cfg, warm_state)
     opt = make_optimizer(model, cfg.sft_lr, env.device)

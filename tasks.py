@@ -3,9 +3,9 @@ Arithmetic tasks with an exact-answer reward, and the tokenizer over their small
 
     from tasks import get_tokenizer, make_task
     task = make_task("add", digits=3)
-    prompt, answer = task.sample(random.Random(0))   # '041+265=', 306
-    task.solution(prompt)                            # '0306'  (the worked completion, without EOS)
-    task.reward('0306<|endoftext|>', answer)         # 1.0
+    prompt, answer = task.sample(random.Random(0))   # '864+394=', 1258
+    task.solution(prompt)                            # '1258'  (the worked completion, without EOS)
+    task.reward('1258<|endoftext|>', answer)         # 1.0
 
 Every prompt of a task has the same length (operands are zero-padded), so a batch of prompts is a
 rectangular tensor. The reward reads only the final answer (a sparse outcome reward): the completion

@@ -102,7 +102,7 @@ def test_group_advantages():
 
 
 def test_signed_weights_cancel_within_each_group():
-    """Why the signed weighting barely trains the exit: its weights sum to zero in every group."""
+    """Signed weights sum to zero in every group (a candidate reason why they train the exit so little)."""
     rewards = (torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.4).float()
     adv = group_advantages(rewards, 8)
     signed = alignment_weights(adv, "signed").view(8, 8).sum(1)
@@ -229,7 +229,7 @@ def test_flipping_advantage_sign_flips_alignment_gradient(term):
     assert checked > 5
 
 
-def test_zero_oisd_weights_give_plain_grpo():
+def test_zero_lambdas_give_plain_grpo():
     seq, P, adv = oisd_batch()
     mask = response_mask(seq[:, P:], 13)
     old = torch.full(mask.shape, -2.0)
