@@ -186,7 +186,7 @@ def early_exit_table(summary, n_layer, arms):
 
 def make_plots(env, seeds, arms):
     """PNGs next to the summary, if matplotlib is installed: accuracy vs step per arm (final layer and the
-    aligned exit, mean over seeds with a min-max band); early-exit accuracy per layer per arm; and one
+    aligned exit, mean over seeds with a band of one standard deviation); early-exit accuracy per layer per arm; and one
     held-out prompt's head-averaged attention in the aligned and the final layer, before and after RL."""
     try:
         import matplotlib
@@ -198,7 +198,8 @@ def make_plots(env, seeds, arms):
     cfg, L = env.cfg, env.cfg.n_layer
     aligned = layer_list(cfg)[0]
     records = read_metrics(cfg, seeds)
-    curves = [a for a in arms if a != "sft_more"]
+    curves = [a for a in arms if a != "sft_more" and ":" not in a]  # the arms that align the same layer
+    colors = dict(zip(["warm-up start"] + list(arms), plt.cm.tab20(np.linspace(0, 1, 20))))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, layer in zip(axes, (L, aligned)):
         for arm in curves:
@@ -209,8 +210,9 @@ def make_plots(env, seeds, arms):
                     by_step.setdefault(r["step"], []).append(r[f"acc_L{layer}"])  # one per seed
             steps = sorted(by_step)
             values = [np.array(by_step[t]) * 100 for t in steps]
-            line, = ax.plot(steps, [v.mean() for v in values], label=arm)
-            ax.fill_between(steps, [v.min() for v in values], [v.max() for v in values], color=line.get_color(), alpha=0.12)
+            mean, std = np.array([v.mean() for v in values]), np.array([v.std() for v in values])
+            ax.plot(steps, mean, label=arm, color=colors[arm])
+            ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.08)
         ax.set(xlabel="RL step", ylabel="held-out greedy accuracy (%)",
                title="final layer" if layer == L else f"early exit at layer {layer} (the aligned layer)")
     axes[1].legend(fontsize=7, ncol=2)
@@ -219,7 +221,8 @@ def make_plots(env, seeds, arms):
     summary = json.load(open(os.path.join(cfg.out_dir, "summary.json")))["summary"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for arm in ["warm-up start"] + list(arms):
-        ax.plot(range(1, L + 1), [100 * summary[arm][f"acc_L{l}"] for l in range(1, L + 1)], marker="o", label=arm)
+        ax.plot(range(1, L + 1), [100 * summary[arm][f"acc_L{l}"] for l in range(1, L + 1)], marker="o", label=arm,
+                color=colors[arm])
     ax.set(xlabel="exit layer (blocks run)", ylabel="held-out greedy accuracy (%)", xticks=range(1, L + 1),
            title=f"early-exit accuracy, mean of {len(seeds)} seeds")
     ax.legend(fontsize=7)
