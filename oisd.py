@@ -449,6 +449,17 @@ def evaluate(env, model, problems, layers=None):
 # -----------------------------------------------------------------------------
 # Stage 1: supervised warm-up
 
+def sft_step(env, model, opt, rng):
+    """One supervised step on sft_batch fresh worked solutions (the prompt is not learned). Returns the loss."""
+    inputs, targets = env.solutions(sample_problems(env.task, rng, env.cfg.sft_batch, env.exclude))
+    with autocast(env.device):
+        loss = supervised_loss(model(inputs)[0], targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def warmup(env):
     """Train from scratch on worked solutions until validation accuracy >= sft_target_acc.
     Cached in out_dir by a hash of everything it depends on. Returns the model's state dict."""
@@ -465,12 +476,7 @@ def warmup(env):
     opt = make_optimizer(model, cfg.sft_lr, env.device)
     rng, t0 = random.Random(cfg.seed + 1), time.time()
     for step in range(1, cfg.sft_max_steps + 1):
-        inputs, targets = env.solutions(sample_problems(env.task, rng, cfg.sft_batch, env.exclude))
-        with autocast(env.device):
-            loss = supervised_loss(model(inputs)[0], targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = sft_step(env, model, opt, rng)
         if step % cfg.sft_eval_every == 0 or step == cfg.sft_max_steps:
             acc = evaluate(env, model, env.val, layers=[])[f"acc_L{cfg.n_layer}"]
             print(f"warm-up step {step:4d} | loss {loss.item():.3f} | val acc {acc:6.1%} | {time.time() - t0:5.1f}s")
@@ -696,12 +702,7 @@ def continue_warmup(env, warm_state, seconds, log):
     while spent < seconds:
         step += 1
         t0 = now(env.device)
-        inputs, targets = env.solutions(sample_problems(env.task, rng, cfg.sft_batch, env.exclude))
-        with autocast(env.device):
-            loss = supervised_loss(model(inputs)[0], targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        sft_step(env, model, opt, rng)
         spent += now(env.device) - t0
     result = dict(evaluate(env, model, env.test), train_seconds=spent)
     print(f"  sft_more {step} supervised steps in {spent:.0f}s | held-out acc {result[f'acc_L{cfg.n_layer}']:6.1%}")
