@@ -1,10 +1,16 @@
 """
-Measurement tools behind two flags of oisd.py; the method itself is all in oisd.py.
+Measurement built on top of oisd.py (which never imports this file): grids of seeds with paired
+intervals and power, the post-hoc exit probe, Avg@K and the chain task's step accuracy, a benchmark of
+RL steps, self-speculative decoding with each arm's exits, and RESULTS.md.
 
-    python oisd.py --bench                     # seconds per RL step by phase, GRPO vs GRPO+OISD, KV cache vs naive
-    python oisd.py --seeds=0,1,2,3,4 --resume  # every arm on every seed, then tables with intervals, and plots
+    python experiments.py --seeds=0,1,2,3,4 --arms=grpo,oisd,oisd_pos --resume   # a grid, then tables and plots
+    python experiments.py --bench                                                # seconds per RL step, by phase
+    python experiments.py --speculative --out_dir=runs/depth --n_layer=8 ...     # time the exits as drafters
+    python experiments.py --report=runs/add3,runs/chain                          # RESULTS.md from finished grids
+    python experiments.py --help                                                 # every flag
 
-The plots need matplotlib (pip install matplotlib); without it they are skipped.
+Every flag of oisd.py works here too. The plots need matplotlib (pip install matplotlib); without it they
+are skipped.
 """
 
 import dataclasses
@@ -12,31 +18,413 @@ import json
 import math
 import os
 import random
+import sys
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from model import GPT
-from oisd import (ARMS, Env, arm_config, autocast, layer_list, load_checkpoint, load_policy, make_optimizer, now,
-                  rl_step, run_seed, sample_problems, warmup)
+from model import GPT, KVCache
+from oisd import (Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
+                  load_policy, make_optimizer, masked_mean, now, response_mask, rl_step, run_seed, sample_problems,
+                  setup, stream_seed, warmup)
 from tasks import EOS
 
 
+@dataclass
+class ExpConfig(Config):
+    # experiments
+    seeds: str = "0"                 # seeds of the grid: every arm on every seed, then tables with paired intervals
+    avg_k: int = 8                   # samples per held-out problem for Avg@K and pass@K, at the training temperature
+    probe_steps: int = 500           # full-batch steps of the post-hoc exit probe, the same budget for every arm
+    probe_lr: float = 0.1            # learning rate of the probe (it fits the exit norms only)
+    probe_batches: int = 8           # rollout batches of the model's own samples the probe is fitted on
+    bench: bool = False              # time RL steps from the warm-up checkpoint instead of running a grid
+    bench_steps: int = 20            # measured steps per arm in --bench
+    speculative: bool = False        # time self-speculative decoding with every arm's exits (after a grid)
+    spec_problems: int = 100         # held-out problems timed per arm, exit layer and draft length
+    spec_max_draft: int = 6          # draft lengths 1..spec_max_draft are timed
+    spec_layers: str = ""            # exit layers tried as drafters, comma-separated (empty: every layer below the last)
+    report: str = ""                 # comma-separated grid out_dirs: write RESULTS.md from their summaries
+
+
+EXP_RANGES = dict(avg_k=(1, 1024), probe_steps=(0, 10**6), probe_lr=(1e-9, 10.0), probe_batches=(1, 1000), bench_steps=(1, 10**5),
+                  spec_problems=(1, 500), spec_max_draft=(1, 32))
+
+
+def validate_experiment(cfg):
+    """The experiment flags; oisd.validate has checked the rest. Raises ConfigError."""
+    for key, (lo, hi) in EXP_RANGES.items():
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ConfigError(f"--{key} must be a finite number in [{lo}, {hi}], got {value}")
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {cfg.seeds!r}") from None
+    if len(set(seeds)) != len(seeds) or not all(0 <= s < 2**31 for s in seeds):
+        raise ConfigError(f"--seeds must list distinct integers in [0, 2**31), got {cfg.seeds!r}")
+    try:
+        layers = spec_layers(cfg)
+    except ValueError:
+        raise ConfigError(f"--spec_layers expects comma-separated integers, got {cfg.spec_layers!r}") from None
+    if not all(1 <= layer < cfg.n_layer for layer in layers):
+        raise ConfigError(f"--spec_layers: every layer must be in 1..{cfg.n_layer - 1}, got {cfg.spec_layers!r}")
+    for path in filter(None, cfg.report.split(",")):
+        if not os.path.exists(os.path.join(path, "summary.json")):
+            raise ConfigError(f"--report: {path} holds no summary.json (run its grid first)")
+
+
+def seed_envs(cfg):
+    """One Env per seed, each in out_dir/seed<s>."""
+    return {s: Env(dataclasses.replace(cfg, seed=s, out_dir=os.path.join(cfg.out_dir, f"seed{s}")))
+            for s in (int(x) for x in cfg.seeds.split(","))}
+
+
+def trained_model(env, arm, warm_state):
+    """The model an arm ended with: the warm-up's for 'warm-up start', else the arm's checkpoint."""
+    model = load_policy(env, arm_config(env.cfg, "grpo" if arm == "warm-up start" else arm), warm_state)
+    if arm != "warm-up start":
+        model.load_state_dict(load_checkpoint(os.path.join(env.cfg.out_dir, f"{arm}.pt"), env.device)["model"])
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Measures of one trained model, beyond oisd.evaluate
+
+def probe_exits(env, model, steps, lr, batches):
+    """The post-hoc probe: a copy of the model whose exit norms restart as copies of the trained ln_f (the
+    same start for every arm) and are then fitted, with the trunk and the unembedding frozen, to the
+    model's own final layer: full-batch AdamW for `steps` steps on loss = mean over exits l < L of
+    KL(final || exit l), over the positions that predict response tokens of `batches` x N of the model's
+    own samples (training prompts, the training temperature; the seed's own stream (seed, 'probe')).
+    The trunk runs once: its layer outputs are computed up front and reused. Returns the probed copy."""
+    cfg, L, P = env.cfg, model.config.n_layer, env.prompt_len
+    probe = GPT(dataclasses.replace(model.config, exit_norm="own")).to(env.device)
+    probe.load_state_dict(model.state_dict(), strict=False)  # a logit-lens model has no exit norms to load
+    probe.reset_exit_heads()
+    probe.requires_grad_(False)
+    probe.exit_ln.requires_grad_(True)
+    rng = random.Random(stream_seed(cfg.seed, "probe"))
+    gen = torch.Generator(env.device).manual_seed(stream_seed(cfg.seed, "probe"))
+    hidden, teacher = {l: [] for l in range(1, L)}, []
+    with torch.no_grad(), autocast(env):
+        for _ in range(batches):
+            prompts = env.prompts(sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude))
+            seq, _ = probe.generate(prompts, env.max_new, cfg.temperature, cfg.group_size, env.eos_id, gen)
+            keep = response_mask(seq[:, P:], env.eos_id).bool()  # (N, R)
+            x = probe.embed(seq[:, :-1])
+            for layer in range(1, L + 1):
+                x = probe.block(layer)(x)[0]
+                if layer < L:
+                    hidden[layer].append(x[:, P - 1:][keep].float())  # (positions, C)
+            teacher.append(F.log_softmax(probe.exit_logits(x, L)[:, P - 1:][keep], -1))
+    hidden, teacher = {l: torch.cat(h).clone() for l, h in hidden.items()}, torch.cat(teacher).clone()
+    opt = make_optimizer(probe, lr, env.device)
+    for _ in range(steps):
+        loss = sum(F.kl_div(F.log_softmax(probe.exit_logits(h, l), -1), teacher, log_target=True, reduction="batchmean")
+                   for l, h in hidden.items()) / (L - 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return probe.eval()
+
+
+@torch.inference_mode()
+def sampled_and_step_metrics(env, model):
+    """Avg@K (mean accuracy over K samples per held-out problem at the training temperature), pass@K (a
+    problem counts if any of its K samples is right), and the process metrics of the greedy and the
+    sampled completions: the fraction of intermediate running sums that are right (step_acc; chain task
+    only) and the fraction of completions whose every number is right (all_steps). Samples use the
+    seed's own stream (seed, 'avg_k'), the same for every arm."""
+    cfg, test = env.cfg, env.test
+    K = cfg.avg_k
+    gen = torch.Generator(env.device).manual_seed(stream_seed(cfg.seed, "avg_k"))
+    with autocast(env):
+        greedy, _ = model.generate(env.prompts(test), env.max_new, temperature=0, eos_id=env.eos_id)
+        sampled, _ = model.generate(env.prompts(test), env.max_new, cfg.temperature, K, env.eos_id, gen)
+    rewards = env.rewards(sampled, test, K).view(len(test), K)
+    out = {"avgk": rewards.mean().item(), "passk": (rewards.max(1).values > 0).float().mean().item()}
+    for name, seq, n in (("", greedy, 1), ("sampled_", sampled, K)):
+        steps = [env.task.steps(c, p) for c, (p, _) in zip(env.completions(seq), (pr for pr in test for _ in range(n)))]
+        out[f"{name}all_steps"] = float(np.mean([all(s) for s in steps]))
+        if env.task.n_numbers > 1:
+            out[f"{name}step_acc"] = float(np.mean([s[:-1] for s in steps]))
+    return out
+
+
+def measure_arm(env, arm, warm_state):
+    """Everything the grid adds to oisd's evaluation of an arm's final model: Avg@K, pass@K, step accuracy,
+    and the held-out accuracy and agreement of every exit after the post-hoc probe (probe_*). Cached in
+    out_dir/measure-<arm>.json under the settings it depends on."""
+    cfg = env.cfg
+    key = dict(avg_k=cfg.avg_k, probe_steps=cfg.probe_steps, probe_lr=cfg.probe_lr, probe_batches=cfg.probe_batches,
+               eval_size=cfg.eval_size)
+    path = os.path.join(cfg.out_dir, f"measure-{arm.replace(' ', '_')}.json")
+    if os.path.exists(path):
+        cached = json.load(open(path))
+        if cached.get("key") == key:
+            return cached["measures"]
+    t0 = time.time()
+    model = trained_model(env, arm, warm_state)
+    out = sampled_and_step_metrics(env, model)
+    probe = probe_exits(env, model, cfg.probe_steps, cfg.probe_lr, cfg.probe_batches)
+    probed = evaluate(env, probe, env.test, layers=list(range(1, cfg.n_layer)), lens=False)
+    out.update({f"probe_{k}": v for k, v in probed.items() if k.startswith(("acc_L", "agree_L"))})
+    print(f"  measured {arm} in {time.time() - t0:.0f}s: Avg@{cfg.avg_k} {out['avgk']:.1%}, pass@{cfg.avg_k} "
+          f"{out['passk']:.1%}, probed exits " + " ".join(f"L{l} {out[f'probe_acc_L{l}']:.1%}" for l in range(1, cfg.n_layer)))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"key": key, "measures": out}, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The grid
+
+def run_grid(cfg):
+    """For each seed, oisd's run (warm-up and every arm) in out_dir/seed<s>, then measure_arm for every
+    row; then the summary tables (printed, and saved as summary.md and summary.json) and the plots."""
+    per_seed = {}
+    for seed, env in seed_envs(cfg).items():
+        print(f"\n=== seed {seed} ===")
+        rows = run_seed(env)
+        warm_state = warmup(env)
+        per_seed[seed] = {arm: dict(ev, **measure_arm(env, arm, warm_state)) for arm, ev in rows.items()}
+    arms = cfg.arms.split(",")
+    summary = summarize(per_seed, cfg.n_layer)
+    shown = sorted({l for arm in arms if arm.partition(":")[0] not in ("grpo", "sft_more")
+                    for l in layer_list(arm_config(cfg, arm))})
+    text = (f"{len(per_seed)} seeds ({cfg.seeds}); held-out problems: {cfg.eval_size}; K = {cfg.avg_k}.\n\n"
+            "Final layer, greedy and sampled:\n\n" + final_table(summary, cfg.avg_k)
+            + "\n\nExits, held-out greedy accuracy (%): as trained / through the trained ln_f (lens) / after the "
+            f"post-hoc probe ({cfg.probe_steps} steps); greedy acceptance = top-1 agreement with the final layer "
+            "on its own greedy completions, as trained:\n\n" + exit_table(summary, cfg.n_layer, shown or [layer_list(cfg)[0]])
+            + "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, per_seed, arms)
+            + "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n"
+            + early_exit_table(summary, cfg.n_layer, ["warm-up start"] + arms))
+    print("\n" + text)
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, f, indent=1)
+    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    print(f"saved {cfg.out_dir}/summary.json and summary.md")
+    make_plots(cfg, list(per_seed), arms, summary)
+
+
+# Student's t quantiles for 1..30 degrees of freedom (beyond 30, the normal's): two-sided 95% (0.975) and
+# one-sided 80% (0.80), for intervals and for the minimum detectable effect at 80% power.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868, 0.866,
+       0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854]
+
+
+def t_quantile(table, df, normal):
+    return table[df - 1] if df <= len(table) else normal
+
+
+def min_detectable_effect(sd, n):
+    """The smallest true mean paired difference that a two-sided 5% t-test on n pairs with this standard
+    deviation of the differences detects with 80% power (normal approximation to the noncentral t)."""
+    return (t_quantile(T975, n - 1, 1.960) + t_quantile(T80, n - 1, 0.8416)) * sd / math.sqrt(n)
+
+
+def seeds_needed(sd, effect, most=1000):
+    """Fewest seeds whose minimum detectable effect is at most `effect` (None beyond `most`)."""
+    return next((n for n in range(2, most + 1) if min_detectable_effect(sd, n) <= effect), None)
+
+
+# The paper's reported gain, relative: OISD 64.75 against GRPO 55.08 average accuracy (Qwen3-4B, Avg@K).
+PAPER_RELATIVE_GAIN = 64.75 / 55.08 - 1
+
+
+def summarize(per_seed, n_layer):
+    """per_seed: {seed: {row: measures}} -> {row: summary}: for the final layer's greedy accuracy (final)
+    and Avg@K (avgk), the mean and std over seeds and, against grpo on the same seeds, the mean paired
+    difference with its 95% t-interval, the minimum detectable effect (80% power) and the seeds an
+    effect of the paper's relative size would need; and the mean over seeds of every other measure."""
+    seeds, L = list(per_seed), n_layer
+    out = {}
+    for row in per_seed[seeds[0]]:
+        evals = [per_seed[s][row] for s in seeds]
+        summary = {"n": len(seeds)}
+        for name, key in (("final", f"acc_L{L}"), ("avgk", "avgk")):
+            values = np.array([e[key] for e in evals])
+            summary[f"{name}_mean"], summary[f"{name}_std"] = values.mean(), values.std(ddof=1) if len(seeds) > 1 else 0.0
+            if "grpo" in per_seed[seeds[0]] and row != "grpo" and len(seeds) > 1:
+                grpo = np.array([per_seed[s]["grpo"][key] for s in seeds])
+                diff = values - grpo
+                sd, n = diff.std(ddof=1), len(diff)
+                half = t_quantile(T975, n - 1, 1.960) * sd / math.sqrt(n)
+                paper = PAPER_RELATIVE_GAIN * grpo.mean()
+                summary.update({f"{name}_diff": diff.mean(), f"{name}_lo": diff.mean() - half,
+                                f"{name}_hi": diff.mean() + half, f"{name}_mde": min_detectable_effect(sd, n),
+                                f"{name}_paper_effect": paper, f"{name}_seeds_needed": seeds_needed(sd, paper) or math.nan})
+        for key in evals[0]:
+            summary[key] = float(np.mean([e.get(key, np.nan) for e in evals]))
+        out[row] = {k: float(v) for k, v in summary.items()}
+    return out
+
+
+def pct(x):
+    return "" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def diff_cell(s, name):
+    """'+1.2 [-0.5, +2.9] (MDE 3.1)' in points, or '' for grpo itself."""
+    if f"{name}_diff" not in s:
+        return ""
+    return (f"{100 * s[f'{name}_diff']:+.1f} [{100 * s[f'{name}_lo']:+.1f}, {100 * s[f'{name}_hi']:+.1f}] "
+            f"({100 * s[f'{name}_mde']:.1f})")
+
+
+def final_table(summary, k):
+    """The final layer: greedy and Avg@K with paired differences to grpo, pass@K, step accuracy."""
+    lines = [f"| arm | greedy, mean ± std | vs grpo [95% CI] (MDE) | Avg@{k} | vs grpo [95% CI] (MDE) | "
+             f"pass@{k} | step acc | all steps | length | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, s in summary.items():
+        lines.append(f"| {row} | {pct(s['final_mean'])} ± {pct(s['final_std'])} | {diff_cell(s, 'final')} | "
+                     f"{pct(s['avgk_mean'])} ± {pct(s['avgk_std'])} | {diff_cell(s, 'avgk')} | {pct(s['passk'])} | "
+                     f"{pct(s.get('step_acc', math.nan))} | {pct(s['all_steps'])} | {s['len']:.2f} | "
+                     f"{s.get('train_seconds', math.nan):.0f} |")
+    return "\n".join(lines)
+
+
+def exit_table(summary, n_layer, shown):
+    """Per arm and shown exit layer: accuracy as trained / lens / probe, and the greedy acceptance rate."""
+    lines = ["| arm | " + " | ".join(f"exit L{l}: trained / lens / probe | accept L{l}" for l in shown) + " |",
+             "|---|" + "---|---|" * len(shown)]
+    for row, s in summary.items():
+        cells = [f"{pct(s[f'acc_L{l}'])} / {pct(s[f'lens_acc_L{l}'])} / {pct(s[f'probe_acc_L{l}'])} | "
+                 f"{pct(s[f'agree_L{l}'])}" for l in shown]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_metrics(cfg, seeds):
+    """The records of every seed's metrics.jsonl, with "seed" added; a record repeated by a resumed run
+    (same seed, arm, step and kind of record) is kept once, the last."""
+    unique = {}
+    for seed in seeds:
+        for line in open(os.path.join(cfg.out_dir, f"seed{seed}", "metrics.jsonl")):
+            r = dict(json.loads(line), seed=seed)
+            unique[(seed, r["arm"], r["step"], tuple(sorted(r)))] = r
+    return list(unique.values())
+
+
+def diagnostics_table(cfg, seeds, arms):
+    """Means over seeds and evaluation steps of the diagnose() records in each seed's metrics.jsonl."""
+    keys = ["w_group_sum", "jsd_adv_corr", "align_grad_norm", "grpo_grad_norm"]
+    lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    records = read_metrics(cfg, seeds)
+    for arm in arms:
+        mine = [r for r in records if r["arm"] == arm and "diag_w_group_sum" in r]
+        if mine:
+            lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r.get('diag_' + k, np.nan) for r in mine]):.4f}"
+                                                  for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def early_exit_table(summary, n_layer, arms):
+    """Greedy accuracy and sampling time of the held-out set when only blocks 1..l run, per arm."""
+    shown = [a for a in arms if a in summary]
+    lines = ["| exit layer | seconds (speed-up) | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+    full = np.mean([summary[a][f"sec_L{n_layer}"] for a in shown])
+    for layer in range(n_layer, 0, -1):
+        sec = np.mean([summary[a][f"sec_L{layer}"] for a in shown])
+        lines.append(f"| {layer} | {sec:.3f} ({full / sec:.2f}x) | "
+                     + " | ".join(pct(summary[a][f'acc_L{layer}']) for a in shown) + " |")
+    return "\n".join(lines)
+
+
+def make_plots(cfg, seeds, arms, summary):
+    """PNGs next to the summary, if matplotlib is installed: accuracy vs step per arm (final layer and the
+    aligned exit, mean over seeds with a band of one standard deviation, ddof=1 as in the tables);
+    exit accuracy per layer per arm, as trained and after the probe; and one held-out prompt's
+    head-averaged attention in the aligned and the final layer, before and after RL."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    L, aligned = cfg.n_layer, layer_list(cfg)[0]
+    records = read_metrics(cfg, seeds)
+    curves = [a for a in arms if a != "sft_more" and ":" not in a]  # the arms that align the same layer
+    colors = dict(zip(["warm-up start"] + list(arms), plt.cm.tab20(np.linspace(0, 1, 20))))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, layer in zip(axes, (L, aligned)):
+        for arm in curves:
+            by_step = {}
+            for r in records:
+                if r["arm"] in (arm, "warm-up start") and f"acc_L{layer}" in r and (r["step"] % cfg.eval_every == 0
+                                                                                      or r["step"] == cfg.rl_steps):
+                    by_step.setdefault(r["step"], []).append(r[f"acc_L{layer}"])  # one per seed
+            steps = sorted(by_step)
+            values = [np.array(by_step[t]) * 100 for t in steps]
+            mean = np.array([v.mean() for v in values])
+            std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in values])
+            ax.plot(steps, mean, label=arm, color=colors[arm])
+            ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.08)
+        ax.set(xlabel="RL step", ylabel="held-out greedy accuracy (%)",
+               title="final layer" if layer == L else f"exit at layer {layer} as trained (the aligned layer)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "accuracy_vs_step.png"), dpi=90)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, prefix, title in zip(axes, ("", "probe_"), ("as trained", f"after the post-hoc probe ({cfg.probe_steps} steps)")):
+        for arm in ["warm-up start"] + list(arms):
+            ax.plot(range(1, L + 1), [100 * summary[arm][f"{prefix if l < L else ''}acc_L{l}"] for l in range(1, L + 1)],
+                    marker="o", label=arm, color=colors[arm])
+        ax.set(xlabel="exit layer (blocks run)", ylabel="held-out greedy accuracy (%)", xticks=range(1, L + 1),
+               title=f"exits {title}, mean of {len(seeds)} seeds")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "exit_accuracy.png"), dpi=90)
+    env = seed_envs(dataclasses.replace(cfg, seeds=str(seeds[0])))[seeds[0]]
+    shown = [a for a in ("grpo", "oisd", "oisd_pos") if a in arms]
+    prompt = env.prompts(env.test[:1])
+    fig, axes = plt.subplots(2, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 6.4), squeeze=False)
+    warm_state = warmup(env)  # the cached checkpoint of that seed
+    for col, arm in enumerate(["warm-up start"] + shown):
+        model = trained_model(env, arm, warm_state)
+        with torch.inference_mode():
+            seq, _ = model.generate(prompt, env.max_new, temperature=0, eos_id=env.eos_id)
+            _, _, attns = model(seq[:, :-1], attn_layers=(aligned, L))
+        labels = [env.tok.decode([t]).replace(EOS, "$") for t in seq[0, :-1].tolist()]
+        for row, layer in enumerate((aligned, L)):
+            ax = axes[row, col]
+            ax.imshow(attns[layer][0].mean(0).float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_title(f"{arm}: layer {layer}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "attention.png"), dpi=90)
+    print(f"saved plots in {cfg.out_dir}: accuracy_vs_step.png exit_accuracy.png attention.png")
+
+
+# -----------------------------------------------------------------------------
+# The benchmark
+
 def bench(env):
-    """Time RL steps in steady state from a random init: median seconds per phase over bench_steps steps
-    (after 5 unmeasured ones) for plain GRPO and GRPO+OISD, stepped alternately so that both see the same
-    machine load; then the KV-cache sampler against the naive loop that re-runs the whole prefix per token.
-    On CUDA also the achieved training TFLOP/s and the peak memory."""
+    """Time RL steps in steady state, starting from the warm-up checkpoint (so rewards and gradients are
+    real): median seconds per phase over bench_steps steps (after 5 unmeasured ones) for plain GRPO and
+    GRPO+OISD, stepped alternately so that both see the same machine load; then the KV-cache sampler
+    against the naive loop that re-runs the whole prefix per token. On CUDA also the achieved training
+    TFLOP/s and the peak memory."""
     cfg, dev = env.cfg, env.device
-    arms = {}
+    warm_state, arms = warmup(env), {}
     for arm in ("grpo", "oisd"):
         acfg = arm_config(cfg, arm)
-        torch.manual_seed(cfg.seed)
-        model = GPT(env.model_config(acfg)).to(dev)
+        model = load_policy(env, acfg, warm_state)
         arms[arm] = dict(cfg=acfg, model=model, opt=make_optimizer(model, cfg.rl_lr, dev),
-                         forward=torch.compile(model) if cfg.compile else model,
-                         gen=torch.Generator(dev).manual_seed(cfg.seed), times=[], tokens=[])
-    rng, peak = random.Random(cfg.seed), {}
+                         forward=torch.compile(model, dynamic=False) if cfg.compile else None,
+                         gen=torch.Generator(dev).manual_seed(stream_seed(cfg.seed, "bench")), times=[], tokens=[])
+    rng, peak = random.Random(stream_seed(cfg.seed, "bench")), {}
     for i in range(5 + cfg.bench_steps):
         problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
         for arm, a in arms.items():
@@ -61,7 +449,8 @@ def bench(env):
             med["train TFLOP/s"] = 6 * n_params * trained / med["fwd_bwd"] / 1e12
             med["peak GiB"] = peak[arm]
         rows[arm] = med
-    print(f"\nRL step: median of {cfg.bench_steps} steps after 5 unmeasured ones; {n} completions per step")
+    print(f"\nRL step from the warm-up checkpoint: median of {cfg.bench_steps} steps after 5 unmeasured ones; "
+          f"{n} completions per step")
     print(f"{'':<16}{'grpo':>12}{'oisd':>12}{'oisd/grpo':>12}")
     for key in rows["grpo"]:
         g, o = rows["grpo"][key], rows["oisd"][key]
@@ -73,7 +462,7 @@ def bench(env):
     for _ in range(10):
         for use_cache in runs:
             t0 = now(dev)
-            with autocast(dev):
+            with autocast(env):
                 model.generate(prompts, env.max_new, cfg.temperature, cfg.group_size, None, gen, use_cache=use_cache)
             runs[use_cache].append(now(dev) - t0)
     cached, naive = float(np.median(runs[True][2:])), float(np.median(runs[False][2:]))
@@ -84,173 +473,182 @@ def bench(env):
     return rows
 
 
-def run_grid(cfg):
-    """Experiment mode (--seeds): for each seed, the warm-up and every arm in out_dir/seed<s>; then the
-    summary tables (printed, and saved as summary.md and summary.json) and the plots."""
-    per_seed = {}
-    for seed in [int(x) for x in cfg.seeds.split(",")]:
-        print(f"\n=== seed {seed} ===")
-        per_seed[seed] = run_seed(Env(dataclasses.replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"))))
-    summary = summarize(per_seed, cfg.n_layer)
-    print(f"\n{len(per_seed)} seeds, held-out greedy accuracy (%), means over seeds:")
-    text = print_summary(summary, cfg.n_layer, layer_list(cfg)[0])
-    arms = cfg.arms.split(",")
-    text += "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, per_seed, arms)
-    text += "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n" + early_exit_table(
-        summary, cfg.n_layer, ["warm-up start"] + arms)
-    print(text[text.index("\n\nAlignment"):])
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, f, indent=1)
-    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
+# -----------------------------------------------------------------------------
+# Self-speculative decoding: each arm's exits as drafters
+
+@torch.inference_mode()
+def pass_costs(model, prompt, draft_layer, n_draft, repeats=50):
+    """Measured seconds of the pieces of decoding one sequence, at a cache as long as the prompt:
+    a plain decode step (all blocks and the head on one token), a draft step (blocks 1..l and the exit
+    head on one token) and a verification (blocks l+1..L and the head on n_draft+1 positions).
+    Medians over `repeats`. Returns {full, draft, verify}."""
+    L, l = model.config.n_layer, draft_layer
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats):
+            cache = KVCache()
+            model(prompt, cache=cache)
+            t0 = time.perf_counter()
+            fn(cache)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def draft(cache):
+        x = model.embed(prompt[:, -1:], cache.length())
+        for layer in range(1, l + 1):
+            x = model.block(layer)(x, cache)[0]
+        model.exit_logits(x, l)
+
+    def verify(cache):
+        x = model.embed(prompt[:, -1:], cache.length()).repeat(1, n_draft + 1, 1)
+        for layer in range(l + 1, L + 1):
+            x = model.block(layer)(x, cache)[0]
+        model.exit_logits(x, L)
+
+    return {"full": timed(lambda cache: model(prompt[:, -1:], cache=cache)), "draft": timed(draft), "verify": timed(verify)}
+
+
+def time_speculative(env, model, problems, layer, max_draft):
+    """Greedy decoding of each problem at batch 1, plain (KV-cache generate) and self-speculative with the
+    exit of `layer` drafting 1..max_draft tokens, timed problem by problem in turn so that all see the
+    same machine load. Checks that every speculative output equals the plain one.
+    Returns {k: {seconds, plain_seconds, drafted, accepted, passes, tokens}}."""
+    rows = {k: dict(seconds=0.0, plain_seconds=0.0, drafted=0, accepted=0, passes=0, tokens=0)
+            for k in range(1, max_draft + 1)}
+    for prompt, _ in problems:
+        idx = env.prompts([(prompt, None)])
+        for k in rows:
+            t0 = time.perf_counter()
+            plain, _ = model.generate(idx, env.max_new, temperature=0, eos_id=env.eos_id)
+            t1 = time.perf_counter()
+            out, stats = model.speculative_generate(idx, env.max_new, layer, k, eos_id=env.eos_id)
+            t2 = time.perf_counter()
+            if not torch.equal(out, plain):
+                raise AssertionError(f"speculative decoding differs from plain decoding on {prompt!r}")
+            rows[k]["plain_seconds"] += t1 - t0
+            rows[k]["seconds"] += t2 - t1
+            for name in ("drafted", "accepted", "passes", "tokens"):
+                rows[k][name] += stats[name]
+    return rows
+
+
+def spec_layers(cfg):
+    return [int(x) for x in cfg.spec_layers.split(",")] if cfg.spec_layers else list(range(1, cfg.n_layer))
+
+
+def run_speculative(cfg):
+    """For every seed and arm of a finished grid in out_dir (CPU, fp32, batch 1, greedy): each exit layer as
+    the drafter with draft lengths 1..spec_max_draft on spec_problems held-out problems; the best draft
+    length's wall-clock speed-up over plain KV-cache decoding, beside the speed-up predicted from the
+    acceptance rate a and the measured per-pass costs: E[tokens per verification] = (1 - a^(k+1)) / (1 - a),
+    predicted time per token = (k * draft + verify) / E[tokens] against one full decode step.
+    Writes speculative.md and speculative.json in out_dir."""
+    torch.set_grad_enabled(False)
+    results, lines = [], []
+    for seed, env in seed_envs(cfg).items():
+        warm_state = warmup(env)
+        problems = env.test[: cfg.spec_problems]
+        for arm in cfg.arms.split(","):
+            model = trained_model(env, arm, warm_state)
+            for layer in spec_layers(cfg):
+                rows = time_speculative(env, model, problems, layer, cfg.spec_max_draft)
+                best = max(rows, key=lambda k: rows[k]["plain_seconds"] / rows[k]["seconds"])
+                r = rows[best]
+                a = r["accepted"] / max(r["drafted"], 1)
+                costs = pass_costs(model, env.prompts(problems[:1]), layer, best)
+                expected = (1 - a ** (best + 1)) / (1 - a) if a < 1 else best + 1
+                predicted = costs["full"] * expected / (best * costs["draft"] + costs["verify"])
+                results.append(dict(seed=seed, arm=arm, layer=layer, k=best, acceptance=a,
+                                    tokens_per_pass=r["tokens"] / r["passes"], passes_per_token=r["passes"] / r["tokens"],
+                                    ms_per_problem=1e3 * r["seconds"] / len(problems),
+                                    plain_ms_per_problem=1e3 * r["plain_seconds"] / len(problems),
+                                    speedup=r["plain_seconds"] / r["seconds"], predicted=predicted, costs=costs,
+                                    by_k={k: v["plain_seconds"] / v["seconds"] for k, v in rows.items()}))
+                x = results[-1]
+                print(f"seed {seed} {arm:>14} exit L{layer}: best k {best}, acceptance {a:.1%}, "
+                      f"{x['tokens_per_pass']:.2f} tokens/pass, {x['ms_per_problem']:.2f} ms vs "
+                      f"{x['plain_ms_per_problem']:.2f} ms plain: {x['speedup']:.2f}x (predicted {predicted:.2f}x)")
+    text = speculative_table(results)
+    print("\n" + text)
+    with open(os.path.join(cfg.out_dir, "speculative.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(cfg.out_dir, "speculative.md"), "w") as f:
         f.write(text + "\n")
-    print(f"saved {cfg.out_dir}/summary.json and summary.md")
-    make_plots(Env(cfg), list(per_seed), arms)
+    print(f"saved {cfg.out_dir}/speculative.md and speculative.json")
 
 
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond 30, the normal's 1.96)
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def summarize(per_seed, n_layer):
-    """per_seed: {seed: {row: evaluation}} -> {row: summary}: mean and std over seeds of the final-layer
-    accuracy, the paired difference to grpo on the same seeds with a 95% t-interval, and means of the
-    per-layer accuracy, exit agreement and JSD, response length, sampling time and training time."""
-    seeds, L = list(per_seed), n_layer
-    out = {}
-    for row in per_seed[seeds[0]]:
-        evals = [per_seed[s][row] for s in seeds]
-        acc = np.array([e[f"acc_L{L}"] for e in evals])
-        summary = {"n": len(seeds), "final_mean": acc.mean(), "final_std": acc.std(ddof=1) if len(acc) > 1 else 0.0}
-        if "grpo" in per_seed[seeds[0]] and row != "grpo" and len(seeds) > 1:
-            diff = acc - np.array([per_seed[s]["grpo"][f"acc_L{L}"] for s in seeds])
-            half = (T95[len(diff) - 2] if len(diff) <= 31 else 1.96) * diff.std(ddof=1) / np.sqrt(len(diff))
-            summary.update(diff_mean=diff.mean(), diff_lo=diff.mean() - half, diff_hi=diff.mean() + half)
-        for key in evals[0]:
-            summary[key] = float(np.mean([e.get(key, np.nan) for e in evals]))
-        out[row] = {k: float(v) for k, v in summary.items()}
-    return out
-
-
-def print_summary(summary, n_layer, aligned):
-    """The experiment table, as markdown. aligned: the layer whose top-1 agreement with the final is shown."""
-    exits = range(n_layer - 1, 0, -1)
-    lines = ["| arm | final layer, mean ± std | vs grpo (paired, 95% CI) | "
-             + " | ".join(f"exit L{l}" for l in exits) + f" | agree L{aligned} | length | train s |",
-             "|---|---|---|" + "---|" * len(exits) + "---|---|---|"]
-    for row, s in summary.items():
-        diff = f"{100 * s['diff_mean']:+.1f} [{100 * s['diff_lo']:+.1f}, {100 * s['diff_hi']:+.1f}]" if "diff_mean" in s else ""
-        agree = f"{100 * s[f'agree_L{aligned}']:.1f}" if not math.isnan(s.get(f"agree_L{aligned}", math.nan)) else ""
-        lines.append(f"| {row} | {100 * s['final_mean']:.1f} ± {100 * s['final_std']:.1f} | {diff} | "
-                     + " | ".join(f"{100 * s[f'acc_L{l}']:.1f}" for l in exits)
-                     + f" | {agree} | {s['len']:.2f} | {s.get('train_seconds', math.nan):.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    return text
-
-
-def read_metrics(cfg, seeds):
-    """The records of every seed's metrics.jsonl, with "seed" added; a record repeated by a resumed run
-    (same seed, arm, step and kind of record) is kept once, the last."""
-    unique = {}
-    for seed in seeds:
-        for line in open(os.path.join(cfg.out_dir, f"seed{seed}", "metrics.jsonl")):
-            r = dict(json.loads(line), seed=seed)
-            unique[(seed, r["arm"], r["step"], tuple(sorted(r)))] = r
-    return list(unique.values())
-
-
-def diagnostics_table(cfg, seeds, arms):
-    """Means over seeds and evaluation steps of the diagnose() records in each seed's metrics.jsonl."""
-    keys = ["w_group_sum", "jsd_adv_corr", "align_grad_norm", "grpo_grad_norm"]
-    lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for arm in arms:
-        records = [r for r in read_metrics(cfg, seeds) if r["arm"] == arm and "diag_w_group_sum" in r]
-        if records:
-            lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r.get('diag_' + k, np.nan) for r in records]):.4f}"
-                                                  for k in keys) + " |")
+def speculative_table(results):
+    """Means over seeds per (arm, exit layer) of the best-draft-length measurements."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["layer"]), []).append(r)
+    lines = ["| arm | exit | seeds | best k | acceptance | tokens per full pass | full passes per token | "
+             "ms per problem | plain ms | speed-up | predicted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (arm, layer), rs in groups.items():
+        m = {key: float(np.mean([r[key] for r in rs])) for key in ("k", "acceptance", "tokens_per_pass",
+             "passes_per_token", "ms_per_problem", "plain_ms_per_problem", "speedup", "predicted")}
+        lines.append(f"| {arm} | L{layer} | {len(rs)} | {m['k']:.1f} | {100 * m['acceptance']:.1f}% | "
+                     f"{m['tokens_per_pass']:.2f} | {m['passes_per_token']:.3f} | {m['ms_per_problem']:.2f} | "
+                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x | {m['predicted']:.2f}x |")
     return "\n".join(lines)
 
 
-def early_exit_table(summary, n_layer, arms):
-    """Greedy accuracy and sampling time of the held-out set when only blocks 1..l run, per arm."""
-    shown = [a for a in arms if a in summary]
-    lines = ["| exit layer | seconds (speed-up) | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
-    full = np.mean([summary[a][f"sec_L{n_layer}"] for a in shown])
-    for layer in range(n_layer, 0, -1):
-        sec = np.mean([summary[a][f"sec_L{layer}"] for a in shown])
-        lines.append(f"| {layer} | {sec:.3f} ({full / sec:.2f}x) | "
-                     + " | ".join(f"{100 * summary[a][f'acc_L{layer}']:.1f}" for a in shown) + " |")
-    return "\n".join(lines)
+# -----------------------------------------------------------------------------
+# RESULTS.md
+
+def write_report(cfg):
+    """RESULTS.md: a headline table across the grids named by --report (one row per setting and arm:
+    paired differences to grpo in greedy accuracy and Avg@K, with intervals and minimum detectable
+    effects, and the probed exit), then each grid's summary.md and speculative.md, as written."""
+    lines = ["# Results", "", "Generated by `python experiments.py --report=" + cfg.report + "` from the grids' "
+             "summary.json files; every table below is a command's own output.", "",
+             "## Headline: every setting, each arm against GRPO on the same seeds", "",
+             "Differences in points (final layer), mean over seeds [95% t-interval] (minimum detectable effect at 80% "
+             "power); `paper-size` is the paper's relative gain (+17.6%) applied to GRPO's Avg@K here, and the seeds "
+             "an effect that size would need at the observed spread.", "",
+             "| setting | seeds | arm | greedy | vs grpo | Avg@K | vs grpo | paper-size (seeds needed) | probed exit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    sections = []
+    for path in cfg.report.split(","):
+        saved = json.load(open(os.path.join(path, "summary.json")))
+        c, summary = saved["config"], saved["summary"]
+        setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
+                   f"{c['n_layer']} layers")
+        for arm, s in summary.items():
+            if arm == "warm-up start":
+                continue
+            layers = layer_list(arm_config(ExpConfig(**c), arm))
+            probe = ", ".join(f"L{l} {pct(s.get(f'probe_acc_L{l}', math.nan))}" for l in layers)
+            paper = (f"+{pct(s['avgk_paper_effect'])} ({s['avgk_seeds_needed']:.0f})"
+                     if "avgk_paper_effect" in s and not math.isnan(s["avgk_seeds_needed"]) else
+                     (f"+{pct(s['avgk_paper_effect'])} (>1000)" if "avgk_paper_effect" in s else ""))
+            lines.append(f"| {setting} | {s['n']:.0f} | {arm} | {pct(s['final_mean'])} | {diff_cell(s, 'final')} | "
+                         f"{pct(s['avgk_mean'])} | {diff_cell(s, 'avgk')} | {paper} | {probe} |")
+        body = open(os.path.join(path, "summary.md")).read()
+        spec = os.path.join(path, "speculative.md")
+        if os.path.exists(spec):
+            body += "\nSelf-speculative decoding (greedy, batch 1, CPU):\n\n" + open(spec).read()
+        sections.append(f"## {setting} (`{path}`)\n\n{body}")
+    text = "\n".join(lines) + "\n\n" + "\n".join(sections)
+    with open("RESULTS.md", "w") as f:
+        f.write(text)
+    print("\n".join(lines))
+    print("\nwrote RESULTS.md")
 
 
-def make_plots(env, seeds, arms):
-    """PNGs next to the summary, if matplotlib is installed: accuracy vs step per arm (final layer and the
-    aligned exit, mean over seeds with a band of one standard deviation); early-exit accuracy per layer per arm; and one
-    held-out prompt's head-averaged attention in the aligned and the final layer, before and after RL."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
-    cfg, L = env.cfg, env.cfg.n_layer
-    aligned = layer_list(cfg)[0]
-    records = read_metrics(cfg, seeds)
-    curves = [a for a in arms if a != "sft_more" and ":" not in a]  # the arms that align the same layer
-    colors = dict(zip(["warm-up start"] + list(arms), plt.cm.tab20(np.linspace(0, 1, 20))))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, layer in zip(axes, (L, aligned)):
-        for arm in curves:
-            by_step = {}
-            for r in records:
-                if r["arm"] in (arm, "warm-up start") and f"acc_L{layer}" in r and (r["step"] % cfg.eval_every == 0
-                                                                                      or r["step"] == cfg.rl_steps):
-                    by_step.setdefault(r["step"], []).append(r[f"acc_L{layer}"])  # one per seed
-            steps = sorted(by_step)
-            values = [np.array(by_step[t]) * 100 for t in steps]
-            mean, std = np.array([v.mean() for v in values]), np.array([v.std() for v in values])
-            ax.plot(steps, mean, label=arm, color=colors[arm])
-            ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.08)
-        ax.set(xlabel="RL step", ylabel="held-out greedy accuracy (%)",
-               title="final layer" if layer == L else f"early exit at layer {layer} (the aligned layer)")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "accuracy_vs_step.png"), dpi=90)
-    summary = json.load(open(os.path.join(cfg.out_dir, "summary.json")))["summary"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arm in ["warm-up start"] + list(arms):
-        ax.plot(range(1, L + 1), [100 * summary[arm][f"acc_L{l}"] for l in range(1, L + 1)], marker="o", label=arm,
-                color=colors[arm])
-    ax.set(xlabel="exit layer (blocks run)", ylabel="held-out greedy accuracy (%)", xticks=range(1, L + 1),
-           title=f"early-exit accuracy, mean of {len(seeds)} seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "exit_accuracy.png"), dpi=90)
-    # attention of one held-out prompt, seed `seeds[0]`
-    seed_dir = os.path.join(cfg.out_dir, f"seed{seeds[0]}")
-    shown = [a for a in ("grpo", "oisd", "oisd_pos") if a in arms]
-    prompt = env.prompts(env.test[:1])
-    fig, axes = plt.subplots(2, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 6.4))
-    seed_env = Env(dataclasses.replace(cfg, seed=seeds[0], out_dir=seed_dir))
-    warm_state = warmup(seed_env)  # the cached checkpoint of that seed
-    for col, arm in enumerate(["warm-up start"] + shown):
-        model = load_policy(seed_env, arm_config(seed_env.cfg, arm if arm in ARMS else "grpo"), warm_state)
-        if arm != "warm-up start":
-            model.load_state_dict(load_checkpoint(os.path.join(seed_dir, f"{arm}.pt"), env.device)["model"])
-        with torch.inference_mode():
-            seq, _ = model.generate(prompt, env.max_new, temperature=0, eos_id=env.eos_id)
-            _, _, attns = model(seq[:, :-1], attn_layers=(aligned, L))
-        labels = [env.tok.decode([t]).replace(EOS, "$") for t in seq[0, :-1].tolist()]
-        for row, layer in enumerate((aligned, L)):
-            ax = axes[row, col]
-            ax.imshow(attns[layer][0].mean(0).float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-            ax.set_xticks(range(len(labels)), labels, fontsize=7)
-            ax.set_yticks(range(len(labels)), labels, fontsize=7)
-            ax.set_title(f"{arm}: layer {layer}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "attention.png"), dpi=90)
-    print(f"saved plots in {cfg.out_dir}: accuracy_vs_step.png exit_accuracy.png attention.png")
+def main(argv):
+    env = setup(argv, ExpConfig, "experiments.py", validate_experiment)
+    cfg = env.cfg
+    if cfg.report:
+        write_report(cfg)
+    elif cfg.bench:
+        bench(env)
+    elif cfg.speculative:
+        run_speculative(cfg)
+    else:
+        run_grid(cfg)
 
 
+if __name__ == "__main__":
+    main(sys.argv[1:])

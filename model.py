@@ -5,13 +5,17 @@ A small GPT (nanoGPT's GPT-2 layout) with an explicit exit head after every laye
     model = GPT(GPTConfig(vocab_size=15))
     logits, exits, attns = model(idx, exit_layers=(2,), attn_layers=(2, 4))
 
-Layers are numbered 1..n_layer: "layer l" is the residual stream after block l, and the "exit head" of
-layer l reads the next token off it: its own LayerNorm, then the shared (tied) unembedding. The exit
-head of layer n_layer is the model's ordinary head (ln_f, lm_head). With exit_norm='ln_f' every exit
-uses ln_f instead of a norm of its own: the plain logit lens.
+Layers are numbered 1..n_layer everywhere, the KV cache included: "layer l" is the residual stream after
+block l, and the "exit head" of layer l reads the next token off it: its own LayerNorm, then the shared
+(tied) unembedding. The exit head of layer n_layer is the model's ordinary head (ln_f, lm_head). With
+exit_norm='ln_f' every exit uses ln_f instead of a norm of its own: the plain logit lens.
 
-Attention probabilities are formed explicitly only for the layers asked for; every other layer keeps
-the fused scaled_dot_product_attention kernel. generate() samples a batch with a KV cache.
+One function computes the policy, whatever is asked of it: every layer's output comes from the fused
+scaled_dot_product_attention kernel, and the attention probabilities of the layers asked for are
+computed beside it (in fp32) for the loss that needs them; the exit heads run in fp32 even under bf16
+autocast. So the sampler, plain GRPO and GRPO+OISD all compute the same log-probabilities.
+generate() samples a batch with a KV cache; speculative_generate() decodes one sequence with the exit
+of an intermediate layer as the draft model and the full model as the verifier (exact).
 There is no dropout anywhere: RL needs the sampled policy and the trained policy to be the same function.
 """
 
@@ -35,36 +39,34 @@ class GPTConfig:
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.n_head, self.layer = config.n_head, layer
 
     def forward(self, x, cache=None, need_attn=False):
         """x: (B, T, C), the T newest positions. cache: a KVCache holding the earlier positions, or None.
-        Returns y (B, T, C) and, if need_attn, the attention probabilities (B, nh, T, T_keys)."""
+        Returns y (B, T, C) and, if need_attn, the attention probabilities (B, nh, T, T_keys) in fp32."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.append(self.layer_idx, k, v)  # (B, nh, T_keys, hs): earlier positions, then these T
+            k, v = cache.append(self.layer, k, v)  # (B, nh, T_keys, hs): earlier positions, then these T
         start = k.size(2) - T  # absolute position of the first query
         # query i sits at position start+i and sees keys 0..start+i; a single query sees every key
         visible = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start)
-        if need_attn:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_keys)
+        if visible is None or start > 0:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        att = None
+        if need_attn:  # the same probabilities the kernel used, formed explicitly for the attention loss
+            att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_keys)
             if visible is not None:
                 att = att.masked_fill(~visible, float("-inf"))
             att = att.softmax(dim=-1)
-            y = att @ v  # (B, nh, T, hs)
-        else:
-            att = None
-            if start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), att
 
@@ -83,10 +85,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -98,27 +100,32 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer: (B, nh, T_seen, hs) each, grown by
-    concatenation. It is differentiable, so a training forward can run a prompt once and share its keys
-    and values with all the rollouts of that prompt (repeat_interleave), exactly as the sampler does."""
+    """Keys and values of the positions seen so far, per layer 1..n_layer: (B, nh, T_seen, hs) each, grown
+    by concatenation. It is differentiable, so a training forward can run a prompt once and share its keys
+    and values with all the rollouts of that prompt (repeat_interleave), exactly as the sampler does.
+    Layers may hold different lengths for a while (the speculative decoder drafts with the lower ones)."""
 
-    def __init__(self, n_layer):
-        self.k, self.v = [None] * n_layer, [None] * n_layer
+    def __init__(self):
+        self.k, self.v = {}, {}
 
-    @property
-    def pos(self):
-        return 0 if self.k[0] is None else self.k[0].size(2)
+    def length(self, layer=1):
+        return self.k[layer].size(2) if layer in self.k else 0
 
     def append(self, layer, k, v):
-        if self.k[layer] is not None:
+        if layer in self.k:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
 
     def repeat_interleave(self, n):
         """Copy each row n times: row b becomes rows b*n .. b*n+n-1."""
-        self.k = [k if k is None else k.repeat_interleave(n, dim=0) for k in self.k]
-        self.v = [v if v is None else v.repeat_interleave(n, dim=0) for v in self.v]
+        self.k = {layer: k.repeat_interleave(n, dim=0) for layer, k in self.k.items()}
+        self.v = {layer: v.repeat_interleave(n, dim=0) for layer, v in self.v.items()}
+
+    def truncate(self, length):
+        """Forget every position >= length, in every layer (the rollback after a rejected draft)."""
+        self.k = {layer: k[:, :, :length] for layer, k in self.k.items()}
+        self.v = {layer: v[:, :, :length] for layer, v in self.v.items()}
 
 
 class GPT(nn.Module):
@@ -131,7 +138,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, layer) for layer in range(1, config.n_layer + 1)),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -159,30 +166,38 @@ class GPT(nn.Module):
                 for ln in self.exit_ln:
                     ln.load_state_dict(self.transformer.ln_f.state_dict())
 
+    def block(self, layer):
+        """Block `layer`, 1..n_layer."""
+        return self.transformer.h[layer - 1]
+
+    def embed(self, idx, start=0):
+        """idx: (B, T) token ids at positions start..start+T-1 -> (B, T, C), the input of block 1."""
+        if start + idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of length {start + idx.size(1)} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos)
+
     def exit_logits(self, x, layer):
-        """x: (B, T, C) residual stream after block `layer` (1..n_layer) -> (B, T, vocab)."""
+        """x: (B, T, C) residual stream after block `layer` (1..n_layer) -> (B, T, vocab) fp32 logits.
+        Norm and unembedding run in fp32 under any autocast, so every caller gets the same numbers."""
         last = layer == self.config.n_layer or self.config.exit_norm == "ln_f"
         norm = self.transformer.ln_f if last else self.exit_ln[layer - 1]
-        return self.lm_head(norm(x))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.lm_head(norm(x.float()))
 
     def forward(self, idx, exit_layers=(), attn_layers=(), cache=None, stop_layer=None):
         """
-        idx: (B, T) token ids; with a cache they sit at positions cache.pos .. cache.pos+T-1.
+        idx: (B, T) token ids; with a cache they sit at positions cache.length() .. cache.length()+T-1.
         exit_layers: layers (1..n_layer) whose exit-head logits to return.
-        attn_layers: layers whose attention probabilities to return; only these skip the fused kernel.
+        attn_layers: layers whose attention probabilities to return.
         stop_layer: run blocks 1..stop_layer only and use that layer's exit head (early exit).
         Returns logits (B, T, vocab) of the last layer run, exits {l: (B, T, vocab)}, attns {l: (B, nh, T, T_keys)}.
         """
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         stop_layer = stop_layer or self.config.n_layer
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.embed(idx, cache.length() if cache is not None else 0)  # (B, T, C)
         exits, attns = {}, {}
         for layer in range(1, stop_layer + 1):
-            x, att = self.transformer.h[layer - 1](x, cache, need_attn=layer in attn_layers)
+            x, att = self.block(layer)(x, cache, need_attn=layer in attn_layers)
             if att is not None:
                 attns[layer] = att
             if layer in exit_layers:
@@ -203,9 +218,8 @@ class GPT(nn.Module):
         b*num_samples+j.
         A row that has emitted eos_id keeps emitting it; R < max_new_tokens once every row is done.
         """
-        B, P = idx.shape
         n_layer = exit_layer or self.config.n_layer
-        cache = KVCache(n_layer) if use_cache else None
+        cache = KVCache() if use_cache else None
         logits = self(idx, cache=cache, stop_layer=n_layer)[0][:, -1]  # (B, vocab): the prompt, run once
         if use_cache:
             cache.repeat_interleave(num_samples)
@@ -214,7 +228,6 @@ class GPT(nn.Module):
         done = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
         logprobs = []
         for step in range(max_new_tokens):
-            logits = logits.float()
             if temperature == 0:
                 logp = F.log_softmax(logits, dim=-1)
                 tok = logits.argmax(dim=-1)
@@ -233,3 +246,90 @@ class GPT(nn.Module):
             else:
                 logits = self(seq, stop_layer=n_layer)[0][:, -1]
         return seq, torch.stack(logprobs, 1)
+
+    @torch.inference_mode()
+    def speculative_generate(self, idx, max_new_tokens, draft_layer, n_draft, temperature=0.0, eos_id=None,
+                             generator=None):
+        """
+        Self-speculative decoding of one sequence: the exit head of `draft_layer` (blocks 1..l only) drafts
+        up to n_draft tokens, then blocks l+1..L run once over the drafted positions, starting from the
+        layer-l states the draft already computed, and the full model keeps the longest acceptable prefix
+        plus one token of its own. Exact: greedy gives generate(temperature=0)'s tokens; sampling gives
+        tokens distributed as the full model's (speculative_accept).
+        idx: (1, P). Returns tokens (1, P+R), like generate's (EOS included, nothing after it), and stats
+        {drafted, accepted, passes (full-model passes over blocks l+1..L, the prompt's included), tokens}.
+        """
+        L, l = self.config.n_layer, draft_layer
+        if idx.size(0) != 1:
+            raise ValueError(f"speculative_generate decodes one sequence; got a batch of {idx.size(0)}")
+        if not 1 <= l < L or n_draft < 1:
+            raise ValueError(f"need 1 <= draft_layer < {L} and n_draft >= 1, got {l} and {n_draft}")
+
+        def distribution(logits):  # (m, V) logits -> fp32 probabilities at the temperature (one-hot when greedy)
+            if temperature == 0:
+                return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+            return F.softmax(logits.float() / temperature, dim=-1)
+
+        cache = KVCache()
+        out = [draw(distribution(self(idx, cache=cache)[0][0, -1:])[0], generator)]  # the prompt: a full pass
+        stats = dict(drafted=0, accepted=0, passes=1)
+        # invariant: the cache holds every position but the newest token's, out[-1]
+        while len(out) < max_new_tokens and out[-1] != eos_id:
+            n = min(n_draft, max_new_tokens - len(out) - 1)  # the last new token is always the full model's
+            drafts, draft_probs, states, tok = [], [], [], out[-1]
+            for i in range(n + 1):  # blocks 1..l on the newest token, then on each draft that needs checking
+                x = self.embed(idx.new_tensor([[tok]]), cache.length(1))
+                for layer in range(1, l + 1):
+                    x = self.block(layer)(x, cache)[0]
+                states.append(x)  # (1, 1, C): layer l at this position
+                if i == n:
+                    break
+                draft_probs.append(distribution(self.exit_logits(x, l)[0, -1:])[0])
+                drafts.append(draw(draft_probs[-1], generator))
+                if drafts[-1] == eos_id:  # nothing follows EOS: no bonus position to verify
+                    break
+                tok = drafts[-1]
+            start = cache.length(L)  # the position of out[-1]
+            x = torch.cat(states, dim=1)  # (1, m, C), m = len(drafts) or len(drafts) + 1
+            for layer in range(l + 1, L + 1):
+                x = self.block(layer)(x, cache)[0]
+            target = distribution(self.exit_logits(x, L)[0])  # (m, V): the full model at each position
+            n_ok, last = speculative_accept(target, torch.stack(draft_probs) if drafts else target[:0], drafts, generator)
+            out += drafts[:n_ok] + ([] if last is None else [last])
+            cache.truncate(start + 1 + n_ok)  # keep out[-1]'s old newest token and the accepted drafts
+            stats["drafted"] += len(drafts)
+            stats["accepted"] += n_ok
+            stats["passes"] += 1
+        if eos_id is not None and eos_id in out:
+            out = out[: out.index(eos_id) + 1]
+        stats["tokens"] = len(out)
+        return torch.cat([idx, idx.new_tensor([out])], dim=1), stats
+
+
+def speculative_accept(target, draft, tokens, generator=None):
+    """
+    The exact acceptance rule of speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+    target: (m, V) probabilities of the full model at the m verified positions; draft: (k, V) the
+    probabilities each drafted token was sampled from; tokens: the k drafted token ids; m is k, or k+1
+    when the position after the last draft was verified too (a bonus token is possible).
+    Token i is accepted with probability min(1, target[i, x] / draft[i, x]); at the first rejection the
+    replacement is drawn from the normalised residual max(0, target[i] - draft[i]) and the rest is
+    dropped; if all k are accepted, a bonus token is drawn from target[k] when it exists.
+    With one-hot distributions (greedy) this is: the longest prefix the full model agrees with, then
+    the full model's own token. Returns (number accepted, the full model's token or None).
+    """
+    for i, x in enumerate(tokens):
+        ratio = target[i, x] / draft[i, x]
+        if ratio < 1 and (ratio == 0 or torch.rand((), generator=generator, device=target.device) >= ratio):
+            residual = (target[i] - draft[i]).clamp_min(0)
+            return i, draw(residual / residual.sum(), generator)
+    if target.size(0) > len(tokens):
+        return len(tokens), draw(target[len(tokens)], generator)
+    return len(tokens), None
+
+
+def draw(probs, generator=None):
+    """One token id from probs (V,); a one-hot distribution (greedy) gives its token without using the generator."""
+    if probs.max() == 1:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))

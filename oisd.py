@@ -3,7 +3,7 @@ OISD: On-Policy Internal Self-Distillation (arXiv 2605.29089), at a scale a lapt
 
     python oisd.py                       # warm-up, then GRPO vs GRPO+OISD vs GRPO+OISD(positive), ~3 min on 2 CPU cores
     python oisd.py --task=chain --rl_steps=500 --arms=grpo,oisd
-    python oisd.py --bench               # seconds per RL step, split by phase, GRPO vs GRPO+OISD
+    python oisd.py --help                # every flag, its type, default and meaning
 
 Stage 1 (warm-up): supervised next-token training on worked solutions, stopped as soon as greedy accuracy
 on a small validation set reaches sft_target_acc, so the policy is partly right and RL has work to do.
@@ -16,15 +16,20 @@ rollout by its GRPO advantage:
 Every arm starts from the same warm-up checkpoint with the same seed, prompts and step budget.
 Simplifications, stated up front: prompts of a task all have the same length (no left padding); the
 reward is 0/1 exact match; one optimizer step per rollout batch unless num_iterations > 1; old
-log-probabilities are the sampler's own, recorded at rollout time.
+log-probabilities are the sampler's own, recorded at rollout time. Measurement built on top of this
+file (grids of seeds, probes, Avg@K, benchmarks, speculative decoding) lives in experiments.py.
 """
 
+import argparse
+import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -34,62 +39,60 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache
-from tasks import get_tokenizer, heldout_split, make_task, sample_problems
+from tasks import get_tokenizer, heldout_keys, heldout_split, make_task, sample_problems, trainable_size
 
 
 @dataclass
 class Config:
     # run
-    preset: str = ""               # gpu: a larger model and a harder task for one consumer GPU (PRESETS below)
-    out_dir: str = "out"
-    seed: int = 0
-    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-    compile: bool = False          # torch.compile the training forward (GPU)
+    out_dir: str = "out"             # checkpoints, metrics.jsonl and results.json go here
+    seed: int = 0                    # every random stream of a run derives from (seed, its purpose)
+    device: str = "auto"             # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    precision: str = "auto"          # auto (bf16 autocast on a GPU with native bf16, else fp32) | fp32 | bf16 (emulated on a CPU)
+    compile: bool = False            # torch.compile the training forward (pays on a GPU; compile time is not train time)
     arms: str = "grpo,oisd,oisd_pos"  # arms to train, names from ARMS; arm:1+3 also sets align_layers=1,3
-    seeds: str = ""                # experiment mode: e.g. 0,1,2,3,4: every arm per seed, then a summary
-    resume: bool = False           # continue each arm from its checkpoint in out_dir
-    bench: bool = False            # time RL steps instead of training (see bench())
-    bench_steps: int = 20          # measured steps per arm in --bench
+    resume: bool = False             # continue each arm from its checkpoint in out_dir
+    preset: str = ""                 # gpu: a larger model and a harder task for one consumer GPU (PRESETS)
     # task
-    task: str = "add"              # add | chain
-    digits: int = 3                # digits per operand
-    terms: int = 3                 # operands of the chain task
+    task: str = "add"                # add | chain (running sums written out: 12+34+56= -> 046,102)
+    digits: int = 3                  # digits per operand
+    terms: int = 3                   # operands of the chain task
     # model
-    block_size: int = 32           # positions; must hold prompt + max_new_tokens
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    exit_norm: str = "own"         # own: each exit head has its own LayerNorm | ln_f: logit lens
+    block_size: int = 32             # positions; must hold prompt + max_new_tokens
+    n_layer: int = 4                 # transformer blocks
+    n_head: int = 4                  # attention heads per block
+    n_embd: int = 128                # residual stream width
+    exit_norm: str = "own"           # own: each exit head has its own LayerNorm | ln_f: the logit lens
     # stage 1: supervised warm-up
-    sft_lr: float = 1e-3
-    sft_batch: int = 64
-    sft_target_acc: float = 0.5    # stop once validation greedy accuracy reaches this
-    sft_max_steps: int = 3000
-    sft_eval_every: int = 20
+    sft_lr: float = 1e-3             # AdamW learning rate of the warm-up
+    sft_batch: int = 64              # worked solutions per warm-up step
+    sft_target_acc: float = 0.5      # stop once validation greedy accuracy reaches this
+    sft_max_steps: int = 3000        # stop here even if the target is not reached
+    sft_eval_every: int = 20         # warm-up steps between validation checks
     # stage 2: GRPO
-    rl_steps: int = 400
-    prompts_per_step: int = 16
-    group_size: int = 8            # G rollouts per prompt
-    temperature: float = 1.0       # sampling temperature; log-probs are taken at the same temperature
-    max_new_tokens: int = 0        # 0: the task's completion length + 2
-    rl_lr: float = 1e-4
-    clip_eps: float = 0.2
-    num_iterations: int = 1        # optimizer steps per rollout batch
-    kl_beta: float = 0.0           # k3 estimate of KL(policy || frozen warm-up model)
-    scale_advantages: bool = True  # divide by the group's reward std (GRPO); False: centred only, as in Dr. GRPO
-    loss_reduction: str = "token"  # token: mean over all response tokens | sequence: per-sequence mean, then mean
-    grad_clip: float = 1.0
+    rl_steps: int = 400              # RL steps per arm
+    prompts_per_step: int = 16       # prompts per RL step
+    group_size: int = 8              # G rollouts per prompt
+    temperature: float = 1.0         # sampling temperature; log-probs are taken at the same temperature
+    max_new_tokens: int = 0          # 0: the task's completion length + 2
+    rl_lr: float = 1e-4              # AdamW learning rate of RL
+    clip_eps: float = 0.2            # PPO clip range of the ratio
+    num_iterations: int = 1          # optimizer steps per rollout batch
+    kl_beta: float = 0.0             # weight of the k3 estimate of KL(policy || frozen warm-up model)
+    scale_advantages: bool = True    # divide by the group's reward std (GRPO); false: centred only, as in Dr. GRPO
+    loss_reduction: str = "token"    # token: mean over all response tokens | sequence: per-sequence mean, then mean
+    grad_clip: float = 1.0           # gradient-norm clip
     # OISD
-    align_layers: str = "2"        # intermediate layer(s) taught by the final layer, comma-separated, 1..n_layer-1
-    lambda_logit: float = 1.0
-    lambda_attn: float = 0.1
-    adv_weighting: str = "signed"  # signed: A | positive: max(A, 0) | abs: |A| | none: 1
-    lambda_exit_ce: float = 0.0    # a control: cross-entropy on worked solutions for the aligned exits
+    align_layers: str = "2"          # intermediate layer(s) taught by the final layer, comma-separated, 1..n_layer-1
+    lambda_logit: float = 1.0        # weight of the logit alignment term
+    lambda_attn: float = 0.1         # weight of the attention alignment term
+    adv_weighting: str = "signed"    # signed: A | positive: max(A, 0) | abs: |A| | none: 1
+    lambda_exit_ce: float = 0.0      # a control: cross-entropy on worked solutions for the aligned exits
     # evaluation and logging
-    eval_every: int = 50
-    eval_size: int = 500           # held-out problems evaluated (the first eval_size of 500)
-    log_every: int = 25
-    ckpt_every: int = 50
+    eval_every: int = 50             # RL steps between held-out evaluations
+    eval_size: int = 500             # held-out problems evaluated (the first eval_size of 500)
+    log_every: int = 25              # RL steps between progress lines
+    ckpt_every: int = 50             # RL steps between checkpoints
 
 
 # Each arm is the config with these fields replaced.
@@ -107,6 +110,7 @@ ARMS = {
     "grpo_ce_exits": dict(lambda_logit=0.0, lambda_attn=0.0, lambda_exit_ce=1.0),
     "sft_more": dict(),  # run by continue_warmup(), not by train_arm()
 }
+NO_LAYERS = ("grpo", "sft_more")  # arms that align no layer: an arm:layers suffix would mean nothing
 
 
 def arm_config(cfg, arm):
@@ -123,35 +127,60 @@ PRESETS = {
 }
 
 
+# -----------------------------------------------------------------------------
+# The command line: --key=value for every Config field, --help built from the comments above.
+
 class ConfigError(ValueError):
     pass
 
 
-def parse_args(argv):
-    """--key=value for every Config field (bools also as a bare --key), after the --preset if one is
-    given. Raises ConfigError."""
-    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, raised, instead of usage text and sys.exit
+        raise ConfigError(message)
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
+
+
+parse_bool.__name__ = "true/false"  # argparse names the type in its message: "invalid true/false value"
+
+
+def field_groups(cls):
+    """[(group title, [(field, one-line help)])] read from the class source: '# title' lines open a group,
+    each field's trailing comment is its help. Subclasses (experiments.py) add their own groups."""
+    groups, fields = [], {f.name: f for f in dataclasses.fields(cls)}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for line in inspect.getsource(klass).splitlines():
+            header = re.fullmatch(r"    # (.+)", line)
+            field = re.fullmatch(r"    (\w+): \w+ = .*?#\s*(.+)", line)
+            if header:
+                groups.append((header.group(1), []))
+            elif field and field.group(1) in fields:
+                groups[-1][1].append((fields[field.group(1)], field.group(2)))
+    return groups
+
+
+def parse_args(argv, cls=Config, prog="oisd.py"):
+    """A cls from --key=value flags (bools also as a bare --key), after the --preset if one is given.
+    --help prints every flag and exits 0. Raises ConfigError (one line) on any bad flag or value."""
     presets = [arg.partition("=")[2] for arg in argv if arg.startswith("--preset=")]
-    if presets:
-        if presets[-1] not in PRESETS:
-            raise ConfigError(f"--preset: unknown preset {presets[-1]!r}; choose from {', '.join(PRESETS)}")
-        cfg = dataclasses.replace(cfg, **PRESETS[presets[-1]])
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in fields:
-            raise ConfigError(f"unknown argument {arg!r}; options are --" + " --".join(fields))
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if not eq:
-                value = "true"
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ConfigError(f"--{key} expects true or false, got {value!r}")
-            setattr(cfg, key, value.lower() in ("true", "1"))
-            continue
-        try:
-            setattr(cfg, key, kind(value))
-        except ValueError:
-            raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+    if presets and presets[-1] not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {presets[-1]!r}; choose from {', '.join(PRESETS)}")
+    defaults = cls(**PRESETS[presets[-1]]) if presets and presets[-1] else cls()
+    parser = ArgumentParser(prog=prog, usage="%(prog)s [--key=value ...]", allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, fields in field_groups(cls):
+        group = parser.add_argument_group(title)
+        for f, meaning in fields:
+            default = getattr(defaults, f.name)
+            kind = type(default)
+            extra = dict(nargs="?", const=True, type=parse_bool) if kind is bool else dict(type=kind)
+            group.add_argument(f"--{f.name}", default=default, metavar=kind.__name__,
+                               help=f"{meaning} (default: {default!r})", **extra)
+    cfg = cls(**vars(parser.parse_args(argv)))
     validate(cfg)
     return cfg
 
@@ -160,65 +189,101 @@ def layer_list(cfg):
     return [int(x) for x in cfg.align_layers.split(",")]
 
 
+# Inclusive ranges of the numeric flags: anything outside is refused before work starts.
+RANGES = dict(seed=(0, 2**31 - 1), digits=(1, 9), terms=(2, 10), block_size=(2, 4096), n_layer=(2, 96),
+              n_head=(1, 128), n_embd=(1, 16384), sft_lr=(1e-12, 1.0), sft_batch=(1, 65536),
+              sft_max_steps=(1, 10**7), sft_eval_every=(1, 10**7), rl_steps=(0, 10**7),
+              prompts_per_step=(1, 65536), group_size=(2, 4096), temperature=(1e-3, 100.0),
+              max_new_tokens=(0, 4096), rl_lr=(1e-12, 1.0), clip_eps=(1e-6, 0.999), num_iterations=(1, 1000),
+              kl_beta=(0.0, 1e6), grad_clip=(1e-8, 1e6), lambda_logit=(0.0, 1e6), lambda_attn=(0.0, 1e6),
+              lambda_exit_ce=(0.0, 1e6), sft_target_acc=(1e-9, 1.0), eval_every=(1, 10**7),
+              eval_size=(1, 500), log_every=(1, 10**7), ckpt_every=(1, 10**7))
+CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), precision=("auto", "fp32", "bf16"), exit_norm=("own", "ln_f"),
+               task=("add", "chain"), loss_reduction=("token", "sequence"),
+               adv_weighting=("signed", "positive", "abs", "none"))
+MAX_PARAMS, MAX_BATCH_TOKENS = 2 * 10**9, 2 * 10**7  # sizes beyond these are refused as absurd for this code
+
+
 def validate(cfg):
-    """Raise ConfigError naming the first bad value."""
-    positive = ["digits", "terms", "block_size", "n_layer", "n_head", "n_embd", "sft_batch", "sft_max_steps", "sft_eval_every",
-                "prompts_per_step", "num_iterations", "bench_steps", "eval_every", "eval_size", "log_every", "ckpt_every",
-                "sft_lr", "rl_lr", "temperature", "clip_eps", "grad_clip"]
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"--{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ["rl_steps", "max_new_tokens", "lambda_logit", "lambda_attn", "lambda_exit_ce", "kl_beta", "seed"]:
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
-    choices = dict(device=("auto", "cpu", "cuda", "mps"), exit_norm=("own", "ln_f"),
-                   loss_reduction=("token", "sequence"), adv_weighting=("signed", "positive", "abs", "none"))
-    for key, allowed in choices.items():
+    """Raise ConfigError naming the first bad value: non-finite numbers, values out of range, impossible
+    combinations, unknown names."""
+    for key, (lo, hi) in RANGES.items():
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ConfigError(f"--{key} must be a finite number in [{lo}, {hi}], got {value}")
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
-    if cfg.group_size < 2:
-        raise ConfigError(f"--group_size must be >= 2 (advantages compare rollouts of one prompt), got {cfg.group_size}")
-    if cfg.n_layer < 2:
-        raise ConfigError(f"--n_layer must be >= 2 (an intermediate layer to align), got {cfg.n_layer}")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
-    if not 0 < cfg.sft_target_acc <= 1:
-        raise ConfigError(f"--sft_target_acc must be in (0, 1], got {cfg.sft_target_acc}")
+    if 12 * cfg.n_layer * cfg.n_embd**2 > MAX_PARAMS:
+        raise ConfigError(f"--n_layer {cfg.n_layer} x --n_embd {cfg.n_embd} is about "
+                          f"{12 * cfg.n_layer * cfg.n_embd**2:.1e} parameters; at most {MAX_PARAMS:.0e}")
+    if max(cfg.sft_batch, cfg.prompts_per_step * cfg.group_size) * cfg.block_size > MAX_BATCH_TOKENS:
+        raise ConfigError(f"a batch of {cfg.prompts_per_step} x {cfg.group_size} (or --sft_batch {cfg.sft_batch}) "
+                          f"x {cfg.block_size} positions is too large; at most {MAX_BATCH_TOKENS:.0e} tokens")
     if (cfg.device == "cuda" and not torch.cuda.is_available()) or (cfg.device == "mps" and not torch.backends.mps.is_available()):
         raise ConfigError(f"--device={cfg.device} is not available on this machine")
-    if cfg.eval_size > 500:
-        raise ConfigError(f"--eval_size must be <= 500 (the held-out set), got {cfg.eval_size}")
+    device = pick_device(cfg)
+    if cfg.precision == "bf16" and not (device == "cpu" or (device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
+        raise ConfigError(f"--precision=bf16 needs a CPU (emulated) or a GPU with native bf16; {device} has none")
     try:
         layers = layer_list(cfg)
     except ValueError:
         raise ConfigError(f"--align_layers expects comma-separated integers, got {cfg.align_layers!r}") from None
-    for layer in layers:
-        if not 1 <= layer < cfg.n_layer:
-            raise ConfigError(f"--align_layers: layer {layer} is out of range 1..{cfg.n_layer - 1}")
+    if len(set(layers)) != len(layers) or not all(1 <= layer < cfg.n_layer for layer in layers):
+        raise ConfigError(f"--align_layers: {cfg.align_layers!r} must list distinct layers in 1..{cfg.n_layer - 1}")
     arms = cfg.arms.split(",")
+    if len(set(arms)) != len(arms):
+        raise ConfigError(f"--arms lists an arm twice: {cfg.arms!r}")
     for arm in arms:
-        if arm.partition(":")[0] not in ARMS:
+        name, colon, layers = arm.partition(":")
+        if name not in ARMS:
             raise ConfigError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-        if ":" in arm:
+        if colon and name in NO_LAYERS:
+            raise ConfigError(f"--arms: {name} aligns no layer, so {arm!r} means nothing; write {name}")
+        if colon and not re.fullmatch(r"\d+(\+\d+)*", layers):
+            raise ConfigError(f"--arms: {arm!r}: write the layers as arm:1 or arm:1+3")
+        if colon:
             validate(arm_config(dataclasses.replace(cfg, arms="grpo"), arm))
     if "sft_more" in arms and "grpo" not in arms[: arms.index("sft_more")]:
         raise ConfigError("--arms: sft_more runs for as long as grpo did, so grpo must come before it")
-    try:
-        [int(seed) for seed in cfg.seeds.split(",") if cfg.seeds]
-    except ValueError:
-        raise ConfigError(f"--seeds expects comma-separated integers, got {cfg.seeds!r}") from None
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
     try:
         task = make_task(cfg.task, **task_options(cfg))
         heldout_split(task)  # too small a task has no room for the held-out problems
     except ValueError as e:
         raise ConfigError(f"--task: {e}") from None
+    if 0 < cfg.max_new_tokens < task.completion_tokens:
+        raise ConfigError(f"--max_new_tokens {cfg.max_new_tokens} cannot hold a correct completion "
+                          f"({task.completion_tokens} tokens with EOS): every reward would be 0")
     longest = len(task.sample(random.Random(0))[0]) + (cfg.max_new_tokens or task.completion_tokens + 2)
     if longest > cfg.block_size:
         raise ConfigError(f"--block_size {cfg.block_size} is too small for prompt + max_new_tokens = {longest}")
 
 
+def check_out_dir(path):
+    """Exit 2 with one line unless `path` is (or can be made) a writable directory."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        print(f"error: --out_dir={path} is not a usable directory ({e.strerror or type(e).__name__})", file=sys.stderr)
+        sys.exit(2)
+
+
 def task_options(cfg):
     return dict(digits=cfg.digits) if cfg.task == "add" else dict(terms=cfg.terms, digits=cfg.digits)
+
+
+def stream_seed(seed, purpose):
+    """The seed of one random stream: a hash of (run seed, purpose), so that no two streams of any two
+    seeds coincide (seed 1's warm-up is not seed 0's RL prompts, and so on)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:8], "big") >> 1
 
 
 # -----------------------------------------------------------------------------
@@ -226,10 +291,12 @@ def task_options(cfg):
 
 def masked_mean(values, mask, reduction="token"):
     """values, mask: (N, R). 'token': sum over every unmasked position / their count (long answers weigh
-    more); 'sequence': mean over each row's unmasked positions, then over rows. Returns a scalar."""
+    more); 'sequence': mean over each row's unmasked positions, then over rows. Masked positions are
+    selected out (torch.where), so an inf or NaN there cannot leak in. Returns a scalar."""
+    values = torch.where(mask > 0, values, 0.0)
     if reduction == "token":
-        return (values * mask).sum() / mask.sum().clamp_min(1)
-    return ((values * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+        return values.sum() / mask.sum().clamp_min(1)
+    return (values.sum(1) / mask.sum(1).clamp_min(1)).mean()
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
@@ -296,16 +363,20 @@ def response_mask(completion, eos_id):
 
 def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_beta=0.0, reduction="token"):
     """PPO-clipped GRPO surrogate (DeepSeekMath), to be minimised.
-    logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the rollout
-    policy; advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
+    logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the policy that
+    sampled them (the ratio is 1 at the first of num_iterations updates, so the clip acts only on later
+    ones); advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
     Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, where
     k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled from the
-    current policy. Reduced by masked_mean(reduction). Returns a scalar."""
-    ratio = (logp - old_logp).exp()
+    current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be
+    improbable enough to overflow) and the k3 log-ratio is clamped to [-20, 20]. Reduced by
+    masked_mean(reduction). Returns a scalar."""
+    valid = mask > 0
+    ratio = torch.where(valid, logp - old_logp, 0.0).exp()
     adv = advantages.unsqueeze(1)  # (N, 1)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     if kl_beta > 0:
-        log_r = ref_logp - logp
+        log_r = torch.where(valid, ref_logp - logp, 0.0).clamp(-20, 20)
         per_token = per_token + kl_beta * (log_r.exp() - log_r - 1)
     return masked_mean(per_token, mask, reduction)
 
@@ -320,8 +391,8 @@ def logit_alignment_loss(student_logits, teacher_logits, weights, mask, reductio
 
 def attention_alignment_loss(student_attn, teacher_attn, weights, mask, reduction="token"):
     """OISD attention term. student_attn, teacher_attn: (N, nh, R, K) attention probabilities of the aligned
-    layer and the final layer (teacher detached here) for the R response query positions over K keys;
-    head h is matched to head h. Per position: weight * JSD over keys, averaged over heads; masked_mean."""
+    layer and the final layer (teacher detached here) at the R positions that predict response tokens, over
+    K keys; head h is matched to head h. Per position: weight * JSD over keys, averaged over heads; masked_mean."""
     jsd = js_divergence(safe_log(student_attn), safe_log(teacher_attn.detach())).mean(dim=1)  # (N, R)
     return masked_mean(weights.unsqueeze(1) * jsd, mask, reduction)
 
@@ -337,10 +408,18 @@ def pick_device(cfg):
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def autocast(device):
-    """bf16 autocast on a GPU that supports it; plain fp32 elsewhere."""
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def pick_precision(cfg, device):
+    """'bf16' or 'fp32': auto means bf16 only on a GPU with native bf16 (not emulated)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+
+
+def autocast(env):
+    """bf16 autocast where the run's precision is bf16 (on a CPU it is emulated); plain fp32 elsewhere.
+    The exit heads and the attention probabilities for the loss stay in fp32 either way (model.py)."""
+    if env.precision == "bf16":
+        return torch.autocast(env.device, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -352,15 +431,16 @@ def now(device):
 
 
 class Env:
-    """What every stage shares: config, device, task, tokenizer and the fixed problem sets."""
+    """What every stage shares: config, device, precision, task, tokenizer and the fixed problem sets."""
 
     def __init__(self, cfg):
         self.cfg, self.device = cfg, pick_device(cfg)
+        self.precision = pick_precision(cfg, self.device)
         self.task = make_task(cfg.task, **task_options(cfg))
         self.tok = get_tokenizer()
         self.eos_id = self.tok.eot_token
         test, self.val = heldout_split(self.task)
-        self.exclude = {p for p, _ in test + self.val}  # training never samples these prompts
+        self.exclude = heldout_keys(self.task, test + self.val)  # training never samples any reordering of these
         self.test = test[: cfg.eval_size]
         self.prompt_len = len(self.task.sample(random.Random(0))[0])
         self.max_new = cfg.max_new_tokens or self.task.completion_tokens + 2
@@ -368,6 +448,11 @@ class Env:
     def model_config(self, cfg):
         return GPTConfig(vocab_size=self.tok.n_vocab, block_size=cfg.block_size,
                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, exit_norm=cfg.exit_norm)
+
+    def describe(self):
+        return (f"task {self.cfg.task} {task_options(self.cfg)}: {self.task.size:,} problems, "
+                f"{trainable_size(self.task, self.exclude):,} trainable (every reordering of the "
+                f"{len(self.exclude)} held-out ones excluded)")
 
     def prompts(self, problems):
         """list of (prompt, answer) -> (B, P) token ids on the device."""
@@ -381,19 +466,24 @@ class Env:
         targets[:, : self.prompt_len - 1] = -1
         return seq[:, :-1], targets
 
-    def rewards(self, seq, problems, group_size):
-        """seq: (N, P+R) rollouts, group_size consecutive rows per problem -> (N,) rewards."""
+    def completions(self, seq):
+        """seq: (N, P+R) -> the N completions as text, cut after the first EOS."""
         texts = []
         for row in seq[:, self.prompt_len:].tolist():
             end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             texts.append(self.tok.decode(row[:end]))
+        return texts
+
+    def rewards(self, seq, problems, group_size):
+        """seq: (N, P+R) rollouts, group_size consecutive rows per problem -> (N,) rewards."""
         answers = [a for _, a in problems for _ in range(group_size)]
-        return torch.tensor([self.task.reward(t, a) for t, a in zip(texts, answers)], device=self.device)
+        return torch.tensor([self.task.reward(t, a) for t, a in zip(self.completions(seq), answers)], device=self.device)
 
 
 def make_optimizer(model, lr, device):
     """AdamW; the fused kernel where there is one (a third of the optimizer time on this CPU)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, fused=device in ("cpu", "cuda"))
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             fused=device in ("cpu", "cuda"))
 
 
 def save_atomic(obj, path):
@@ -415,34 +505,58 @@ def load_checkpoint(path, device, keys=("model",)):
     return ck
 
 
+def check_finite(name, value):
+    """Raise FloatingPointError naming `name` if the tensor `value` holds a NaN or an inf."""
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"{name} is not finite")
+
+
 # -----------------------------------------------------------------------------
 # Evaluation
 
+def logit_lens(model):
+    """A copy of the model whose exit heads all read through the trained ln_f (the logit lens), for a
+    fair look at arms whose own exit norms were never trained (every arm without alignment)."""
+    lens = copy.deepcopy(model)
+    lens.config = dataclasses.replace(model.config, exit_norm="ln_f")
+    return lens
+
+
 @torch.inference_mode()
-def evaluate(env, model, problems, layers=None):
+def evaluate(env, model, problems, layers=None, lens=True):
     """Greedy held-out accuracy of the final layer and of each exit head in `layers` (early exit: blocks
     1..l only) with its sampling time, and, on the final layer's own greedy completions, their mean length
-    and the mean JSD and top-1 agreement of each exit with the final layer. Returns a flat dict of floats."""
+    and the mean JSD and top-1 agreement of each exit with the final layer. If lens, the same accuracy and
+    agreement for each exit read through the trained ln_f instead of the exit's own norm (lens_*).
+    Returns a flat dict of floats."""
     L = model.config.n_layer
     layers = list(range(1, L + 1)) if layers is None else layers
+    exits = [layer for layer in layers if layer < L]
+    heads = {"": model}
+    if lens and exits:
+        heads["lens_"] = model if model.config.exit_norm == "ln_f" else logit_lens(model)
     prompts, P, out = env.prompts(problems), env.prompt_len, {}
-    with autocast(env.device):
+    with autocast(env):
         for layer in sorted(set(layers) | {L}, reverse=True):
-            t0 = now(env.device)
-            seq, _ = model.generate(prompts, env.max_new, temperature=0, eos_id=env.eos_id, exit_layer=layer)
-            out[f"sec_L{layer}"] = now(env.device) - t0  # greedy sampling time of the whole set
-            out[f"acc_L{layer}"] = env.rewards(seq, problems, 1).mean().item()
-            if layer == L:
-                final_seq = seq
-        exits = [layer for layer in layers if layer < L]
-        logits, exit_logits, _ = model(final_seq[:, :-1], exit_layers=exits)
-    mask = response_mask(final_seq[:, P:], env.eos_id)
-    out["len"] = mask.sum(1).mean().item()  # final layer's response length, EOS included
-    teacher = F.log_softmax(logits[:, P - 1:].float(), -1)
-    for layer in exits:
-        student = F.log_softmax(exit_logits[layer][:, P - 1:].float(), -1)
-        out[f"jsd_L{layer}"] = masked_mean(js_divergence(student, teacher), mask).item()
-        out[f"agree_L{layer}"] = masked_mean((student.argmax(-1) == teacher.argmax(-1)).float(), mask).item()
+            for name, head in heads.items():
+                if layer == L and name:
+                    continue  # the final layer has one head
+                t0 = now(env.device)
+                seq, _ = head.generate(prompts, env.max_new, temperature=0, eos_id=env.eos_id, exit_layer=layer)
+                out[f"{name}sec_L{layer}"] = now(env.device) - t0  # greedy sampling time of the whole set
+                out[f"{name}acc_L{layer}"] = env.rewards(seq, problems, 1).mean().item()
+                if layer == L:
+                    final_seq = seq
+        mask = response_mask(final_seq[:, P:], env.eos_id)
+        out["len"] = mask.sum(1).mean().item()  # final layer's response length, EOS included
+        for name, head in heads.items():
+            logits, exit_logits, _ = head(final_seq[:, :-1], exit_layers=exits)
+            teacher = F.log_softmax(logits[:, P - 1:], -1)
+            for layer in exits:
+                student = F.log_softmax(exit_logits[layer][:, P - 1:], -1)
+                out[f"{name}agree_L{layer}"] = masked_mean((student.argmax(-1) == teacher.argmax(-1)).float(), mask).item()
+                if not name:
+                    out[f"jsd_L{layer}"] = masked_mean(js_divergence(student, teacher), mask).item()
     return out
 
 
@@ -450,33 +564,52 @@ def evaluate(env, model, problems, layers=None):
 # Stage 1: supervised warm-up
 
 def sft_step(env, model, opt, rng):
-    """One supervised step on sft_batch fresh worked solutions (the prompt is not learned). Returns the loss."""
+    """One supervised step on sft_batch fresh worked solutions (the prompt is not learned). Raises
+    FloatingPointError if the loss or the weights become non-finite. Returns the loss."""
     inputs, targets = env.solutions(sample_problems(env.task, rng, env.cfg.sft_batch, env.exclude))
-    with autocast(env.device):
+    with autocast(env):
         loss = supervised_loss(model(inputs)[0], targets)
+    check_finite("the supervised loss", loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    check_finite("the weights", torch.stack(torch._foreach_norm(list(model.parameters()))))
     return loss
+
+
+# What the warm-up's weights depend on: these config fields, and the machine facts in warmup_key().
+WARMUP_FIELDS = ["seed", "task", "digits", "terms", "block_size", "n_layer", "n_head", "n_embd", "sft_lr",
+                 "sft_batch", "sft_target_acc", "sft_max_steps", "sft_eval_every", "max_new_tokens"]
+
+
+def warmup_key(env):
+    """Everything that changes the warm-up's weights: its config fields, the device, the precision, the
+    torch version and the thread count (rounding differs with each, and the warm-up amplifies it)."""
+    return dict({k: getattr(env.cfg, k) for k in WARMUP_FIELDS}, device=env.device, precision=env.precision,
+                torch=str(torch.__version__), threads=torch.get_num_threads())
 
 
 def warmup(env):
     """Train from scratch on worked solutions until validation accuracy >= sft_target_acc.
-    Cached in out_dir by a hash of everything it depends on. Returns the model's state dict."""
-    cfg = env.cfg
-    keys = ["seed", "task", "digits", "terms", "block_size", "n_layer", "n_head", "n_embd", "sft_lr", "sft_batch",
-            "sft_target_acc", "sft_max_steps", "sft_eval_every", "max_new_tokens"]
-    tag = hashlib.sha1(json.dumps({k: getattr(cfg, k) for k in keys}).encode()).hexdigest()[:10]
-    path = os.path.join(cfg.out_dir, f"warmup-{tag}.pt")
+    Cached in out_dir under a hash of warmup_key(); the stored key is compared on reuse.
+    Returns the model's state dict."""
+    cfg, key = env.cfg, warmup_key(env)
+    path = os.path.join(cfg.out_dir, f"warmup-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.pt")
     if os.path.exists(path):
+        ck = load_checkpoint(path, env.device, ("model", "key"))
+        if ck["key"] != key:
+            sys.exit(f"error: {path} was made with other settings; delete it and rerun")
         print(f"warm-up: reusing {path}")
-        return load_checkpoint(path, env.device)["model"]
-    torch.manual_seed(cfg.seed)
+        return ck["model"]
+    torch.manual_seed(stream_seed(cfg.seed, "init"))
     model = GPT(env.model_config(cfg)).to(env.device)
     opt = make_optimizer(model, cfg.sft_lr, env.device)
-    rng, t0 = random.Random(cfg.seed + 1), time.time()
+    rng, t0 = random.Random(stream_seed(cfg.seed, "warmup")), time.time()
     for step in range(1, cfg.sft_max_steps + 1):
-        loss = sft_step(env, model, opt, rng)
+        try:
+            loss = sft_step(env, model, opt, rng)
+        except FloatingPointError as e:
+            sys.exit(f"error: warm-up step {step}: {e}; stopping (try a lower --sft_lr)")
         if step % cfg.sft_eval_every == 0 or step == cfg.sft_max_steps:
             acc = evaluate(env, model, env.val, layers=[])[f"acc_L{cfg.n_layer}"]
             print(f"warm-up step {step:4d} | loss {loss.item():.3f} | val acc {acc:6.1%} | {time.time() - t0:5.1f}s")
@@ -486,8 +619,7 @@ def warmup(env):
         print(f"warm-up: validation accuracy {acc:.1%} did not reach {cfg.sft_target_acc:.0%} "
               f"in {cfg.sft_max_steps} steps; going on from here")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("exit_ln")}  # exits untrained here
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    save_atomic({"model": state, "config": dataclasses.asdict(cfg), "val_acc": acc, "steps": step}, path)
+    save_atomic({"model": state, "key": key, "config": dataclasses.asdict(cfg), "val_acc": acc, "steps": step}, path)
     return state
 
 
@@ -506,7 +638,7 @@ def load_policy(env, cfg, state):
 def rollout(env, cfg, model, problems, generator):
     """Sample group_size completions per problem from the final layer.
     Returns seq (N, P+R), the rollout log-probs old_logp (N, R), rewards (N,)."""
-    with autocast(env.device):
+    with autocast(env):
         seq, old_logp = model.generate(env.prompts(problems), env.max_new, cfg.temperature, cfg.group_size,
                                        env.eos_id, generator)
     seq, old_logp = seq.clone(), old_logp.clone()  # out of inference mode, so autograd may read them
@@ -518,16 +650,15 @@ def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=No
     seq: (N, P+R); old_logp, mask: (N, R); advantages: (N,). The prompt (less its last token) runs once per
     group and its keys and values are shared by the group's rollouts (as in the sampler); the rest runs
     per rollout and yields, at the R positions that predict response tokens, the final logits, the exit
-    logits of the aligned layers and, if lambda_attn > 0, the attention of the aligned layers and the
-    last layer. Returns (total loss, {term: scalar})."""
+    logits of the aligned layers and, if lambda_attn > 0, the attention rows of the aligned layers and
+    the last layer. Returns (total loss, {term: scalar})."""
     L, layers, P = model.config.n_layer, layer_list(cfg), prompt_len
-    cache = KVCache(L)
-    with autocast(seq.device.type):
-        model(seq[:: cfg.group_size, : P - 1], cache=cache)  # (N/G, P-1): fills the cache
-        cache.repeat_interleave(cfg.group_size)
-        logits, exits, attns = model(seq[:, P - 1: -1], cache=cache,  # (N, R): last prompt token + response
-                                     exit_layers=layers if cfg.lambda_logit > 0 else (),
-                                     attn_layers=(*layers, L) if cfg.lambda_attn > 0 else ())
+    cache = KVCache()
+    model(seq[:: cfg.group_size, : P - 1], cache=cache)  # (N/G, P-1): fills the cache
+    cache.repeat_interleave(cfg.group_size)
+    logits, exits, attns = model(seq[:, P - 1: -1], cache=cache,  # (N, R): last prompt token + response
+                                 exit_layers=layers if cfg.lambda_logit > 0 else (),
+                                 attn_layers=(*layers, L) if cfg.lambda_attn > 0 else ())
     logp = token_logprobs(logits, seq[:, P:], cfg.temperature)  # (N, R)
     terms = {"grpo": grpo_loss(logp, old_logp, advantages, mask, cfg.clip_eps, ref_logp, cfg.kl_beta,
                                cfg.loss_reduction)}
@@ -542,34 +673,67 @@ def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=No
     return total, terms
 
 
+def pad_rollouts(seq, old_logp, length, eos_id):
+    """Pad rollouts to `length` positions with EOS (log-prob 0), after every row's EOS, so masked out:
+    the compiled forward then always sees the same shapes and never recompiles."""
+    extra = length - seq.size(1)
+    return F.pad(seq, (0, extra), value=eos_id), F.pad(old_logp, (0, extra))
+
+
+def compile_forward(env, cfg, model):
+    """torch.compile the training forward for fixed shapes and compile it now, forward and backward, on a
+    dummy batch (no optimizer step), so that compile time stays out of the timed RL steps.
+    Returns (the compiled model, seconds spent compiling)."""
+    t0 = now(env.device)
+    forward = torch.compile(model, dynamic=False)
+    N, P, R = cfg.prompts_per_step * cfg.group_size, env.prompt_len, env.max_new
+    seq = torch.full((N, P + R), env.eos_id, device=env.device)
+    ones = torch.ones(N, R, device=env.device)
+    with autocast(env):
+        total, _ = rl_loss(cfg, forward, seq, P, 0 * ones, ones[:, 0], ones)
+        if cfg.lambda_exit_ce > 0:
+            total = total + forward(env.solutions(env.val[: cfg.prompts_per_step])[0], exit_layers=layer_list(cfg))[0].sum()
+    total.backward()
+    model.zero_grad(set_to_none=True)
+    return forward, now(env.device) - t0
+
+
 def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
     """One GRPO(+OISD) step on `problems`: rollouts, group advantages, then num_iterations updates.
-    forward: the (possibly compiled) model used for the training forward. ref: frozen model for the KL.
-    Returns (stats: {name: float}, seconds: {rollout, fwd_bwd, optim})."""
-    forward, P, dev = forward or model, env.prompt_len, env.device
+    forward: the compiled model for the training forward (rollouts are then padded to fixed shapes).
+    ref: frozen model for the KL. Raises FloatingPointError naming the first non-finite loss term,
+    gradient or weight. Returns (stats: {name: float}, seconds: {rollout, fwd_bwd, optim})."""
+    P, dev = env.prompt_len, env.device
     t0 = now(dev)
     seq, old_logp, rewards = rollout(env, cfg, model, problems, generator)
+    if forward is not None:
+        seq, old_logp = pad_rollouts(seq, old_logp, P + env.max_new, env.eos_id)
+    forward = model if forward is None else forward
     advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
     mask = response_mask(seq[:, P:], env.eos_id)
     ref_logp = None
     if ref is not None:
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), autocast(env):
             ref_logp = token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature)
     seconds = {"rollout": now(dev) - t0, "fwd_bwd": 0.0, "optim": 0.0}
     for _ in range(cfg.num_iterations):
         t0 = now(dev)
-        total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
-        if cfg.lambda_exit_ce > 0:  # the control arm grpo_ce_exits
-            inputs, targets = env.solutions(problems)
-            with autocast(dev):
+        with autocast(env):
+            total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
+            if cfg.lambda_exit_ce > 0:  # the control arm grpo_ce_exits
+                inputs, targets = env.solutions(problems)
                 exits = forward(inputs, exit_layers=layer_list(cfg))[1]
-            terms["exit_ce"] = sum(supervised_loss(x, targets) for x in exits.values()) / len(exits)
-            total = total + cfg.lambda_exit_ce * terms["exit_ce"]
+                terms["exit_ce"] = sum(supervised_loss(x, targets) for x in exits.values()) / len(exits)
+                total = total + cfg.lambda_exit_ce * terms["exit_ce"]
+        for name, value in terms.items():
+            check_finite(f"loss_{name}", value)
         opt.zero_grad(set_to_none=True)
         total.backward()
         t1 = now(dev)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite("the gradient norm", grad_norm)
         opt.step()
+        check_finite("the weights", torch.stack(torch._foreach_norm(list(model.parameters()))))
         seconds["fwd_bwd"] += t1 - t0
         seconds["optim"] += now(dev) - t1
     stats = {"reward": rewards.mean(), "tokens": mask.sum(), "grad_norm": grad_norm,
@@ -588,7 +752,8 @@ def diagnose(env, cfg, model, problems, generator):
     advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)
     weights = alignment_weights(advantages, cfg.adv_weighting)
     mask = response_mask(seq[:, P:], env.eos_id)
-    _, terms = rl_loss(dataclasses.replace(cfg, kl_beta=0.0), model, seq, P, old_logp, advantages, mask)
+    with autocast(env):
+        _, terms = rl_loss(dataclasses.replace(cfg, kl_beta=0.0), model, seq, P, old_logp, advantages, mask)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grad_norm(loss):
@@ -600,7 +765,7 @@ def diagnose(env, cfg, model, problems, generator):
     align = cfg.lambda_logit * terms.get("logit", 0.0) + cfg.lambda_attn * terms.get("attn", 0.0)
     out = {"w_group_sum": weights.view(-1, cfg.group_size).sum(1).mean().item(),
            "align_grad_norm": grad_norm(align), "grpo_grad_norm": grad_norm(terms["grpo"])}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(env):
         logits, exits, _ = model(seq[:, :-1], exit_layers=layer_list(cfg))
         jsd = js_divergence(F.log_softmax(exits[layer_list(cfg)[0]][:, P - 1:], -1), F.log_softmax(logits[:, P - 1:], -1))
         per_rollout = (jsd * mask).sum(1) / mask.sum(1)
@@ -610,14 +775,14 @@ def diagnose(env, cfg, model, problems, generator):
     return out
 
 
-# Fields that may change between a run and its --resume: how often things happen, and how long it runs.
-RESUMABLE = {"rl_steps", "eval_every", "log_every", "ckpt_every", "resume", "arms", "seeds", "device", "compile",
-             "out_dir", "bench", "bench_steps", "preset"}
+# Config fields that may change between a run and its --resume: how often things happen, how long it runs.
+RESUMABLE = {"rl_steps", "eval_every", "log_every", "ckpt_every", "resume", "arms", "out_dir", "preset"}
 
 
 def check_same_config(ck, cfg, path):
     """Exit with one line if the checkpoint was made with a config that differs beyond RESUMABLE."""
-    differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and ck["config"].get(k) != v]
+    differ = [f.name for f in dataclasses.fields(Config)
+              if f.name not in RESUMABLE and ck["config"].get(f.name) != getattr(cfg, f.name)]
     if differ:
         sys.exit(f"error: {path} was made with other settings ({', '.join(differ)}); "
                  "use another --out_dir or run without --resume")
@@ -626,19 +791,22 @@ def check_same_config(ck, cfg, path):
 def train_arm(env, arm, warm_state, start, log):
     """Train one arm from the warm-up weights for rl_steps steps, evaluating every eval_every steps.
     start: the warm-up model's evaluation. Checkpoints to out_dir/<arm>.pt; with --resume an
-    interrupted arm continues where it stopped. Returns the final evaluation dict."""
+    interrupted arm continues where it stopped, exactly as if it had not stopped (same device only:
+    the random streams of one device cannot be continued on another). Returns the final evaluation dict."""
     cfg = arm_config(env.cfg, arm)
-    torch.manual_seed(cfg.seed)
     model = load_policy(env, cfg, warm_state)
     ref = load_policy(env, cfg, warm_state).eval() if cfg.kl_beta > 0 else None
     opt = make_optimizer(model, cfg.rl_lr, env.device)
-    rng = random.Random(cfg.seed + 2)  # the prompts: the same sequence in every arm
-    gen = torch.Generator(env.device).manual_seed(cfg.seed + 3)  # the rollouts' sampling noise
-    path, step, result = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, dict(start, train_seconds=0.0)
+    rng = random.Random(stream_seed(cfg.seed, "rl_prompts"))  # the prompts: the same sequence in every arm
+    gen = torch.Generator(env.device).manual_seed(stream_seed(cfg.seed, "rl_sampling"))  # the rollouts' noise
+    path, step, result, train_seconds = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, dict(start, train_seconds=0.0), 0.0
     if cfg.resume and os.path.exists(path):
         ck = load_checkpoint(path, env.device, ("model", "optimizer", "step", "result", "train_seconds", "rng", "gen",
-                                                "config"))
+                                                "config", "device"))
         check_same_config(ck, cfg, path)
+        if ck["device"] != env.device:
+            sys.exit(f"error: {path} was made on {ck['device']}, not {env.device}; its random streams cannot "
+                     f"continue here: resume with --device={ck['device']} or use another --out_dir")
         try:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -649,25 +817,29 @@ def train_arm(env, arm, warm_state, start, log):
         gen.set_state(ck["gen"].cpu())
         step, result, train_seconds = ck["step"], ck["result"], ck["train_seconds"]
         print(f"{arm}: resumed from {path} at step {step}")
-    else:
-        train_seconds = 0.0  # time spent in RL steps, evaluation excluded
-    forward = torch.compile(model) if cfg.compile else model
+    forward, compile_seconds = compile_forward(env, cfg, model) if cfg.compile else (None, 0.0)
+    if cfg.compile:
+        print(f"{arm}: compiled in {compile_seconds:.1f}s (not counted as training time)")
     sums, last = {}, (step, time.time())
     while step < cfg.rl_steps:
         step += 1
         problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
-        stats, seconds = rl_step(env, cfg, model, opt, problems, gen, forward, ref)
+        try:
+            stats, seconds = rl_step(env, cfg, model, opt, problems, gen, forward, ref)
+        except FloatingPointError as e:
+            sys.exit(f"error: {arm} step {step}: {e}; stopping (try a lower --rl_lr)")
         train_seconds += sum(seconds.values())
         for name, value in stats.items():
-            if not math.isfinite(value):
-                sys.exit(f"error: {arm} step {step}: {name} is {value}; stopping (try a lower --rl_lr)")
             sums[name] = sums.get(name, 0.0) + value
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             result = dict(evaluate(env, model, env.test), train_seconds=train_seconds)
             log({"arm": arm, "step": step, **result})
             if cfg.lambda_logit > 0 or cfg.lambda_attn > 0:
-                problems = sample_problems(env.task, random.Random(step), cfg.prompts_per_step, env.exclude)
-                diag = diagnose(env, cfg, model, problems, torch.Generator(env.device).manual_seed(step))
+                purpose = f"diagnose/{step}"
+                problems = sample_problems(env.task, random.Random(stream_seed(cfg.seed, purpose)),
+                                           cfg.prompts_per_step, env.exclude)
+                diag = diagnose(env, cfg, model, problems,
+                                torch.Generator(env.device).manual_seed(stream_seed(cfg.seed, purpose)))
                 log({"arm": arm, "step": step, **{f"diag_{k}": v for k, v in diag.items()}})
         if step % cfg.log_every == 0 or step == cfg.rl_steps:
             n, seconds = step - last[0], time.time() - last[1]
@@ -682,7 +854,7 @@ def train_arm(env, arm, warm_state, start, log):
         if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "result": result,
                          "train_seconds": train_seconds, "rng": rng.getstate(), "gen": gen.get_state(),
-                         "config": dataclasses.asdict(cfg)}, path)
+                         "config": dataclasses.asdict(cfg), "device": env.device}, path)
     return result
 
 
@@ -695,14 +867,16 @@ def continue_warmup(env, warm_state, seconds, log):
         check_same_config(ck, cfg, path)
         print(f"sft_more: reusing {path}")
         return ck["result"]
-    torch.manual_seed(cfg.seed)
     model = load_policy(env, cfg, warm_state)
     opt = make_optimizer(model, cfg.sft_lr, env.device)
-    rng, spent, step = random.Random(cfg.seed + 4), 0.0, 0
+    rng, spent, step = random.Random(stream_seed(cfg.seed, "sft_more")), 0.0, 0
     while spent < seconds:
         step += 1
         t0 = now(env.device)
-        sft_step(env, model, opt, rng)
+        try:
+            sft_step(env, model, opt, rng)
+        except FloatingPointError as e:
+            sys.exit(f"error: sft_more step {step}: {e}; stopping (try a lower --sft_lr)")
         spent += now(env.device) - t0
     result = dict(evaluate(env, model, env.test), train_seconds=spent)
     print(f"  sft_more {step} supervised steps in {spent:.0f}s | held-out acc {result[f'acc_L{cfg.n_layer}']:6.1%}")
@@ -712,11 +886,14 @@ def continue_warmup(env, warm_state, seconds, log):
 
 
 def print_table(rows, n_layer):
-    """rows: {name: evaluation dict} -> a table of held-out accuracy of the final layer and each exit."""
-    layers = range(n_layer, 0, -1)
-    print(f"{'held-out greedy accuracy':<26}" + "".join(f"{'final' if l == n_layer else f'exit L{l}':>9}" for l in layers))
+    """rows: {name: evaluation dict} -> held-out greedy accuracy of the final layer and of each exit, as
+    trained and through the logit lens (the trained ln_f)."""
+    exits = range(n_layer - 1, 0, -1)
+    print("held-out greedy accuracy: the final layer; each exit as trained; each exit through the trained ln_f (lens)")
+    print(f"{'':<16}{'final':>8}" + "".join(f"{f'exit L{l}':>9}" for l in exits) + "".join(f"{f'lens L{l}':>9}" for l in exits))
     for name, res in rows.items():
-        print(f"{name:<26}" + "".join(f"{res[f'acc_L{l}']:9.1%}" for l in layers))
+        print(f"{name:<16}{res[f'acc_L{n_layer}']:8.1%}" + "".join(f"{res[f'acc_L{l}']:9.1%}" for l in exits)
+              + "".join(f"{res[f'lens_acc_L{l}']:9.1%}" for l in exits))
 
 
 def run_seed(env):
@@ -724,6 +901,7 @@ def run_seed(env):
     cfg = env.cfg
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
+    print(env.describe())
     warm_state = warmup(env)
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
@@ -738,6 +916,7 @@ def run_seed(env):
             rows[arm] = continue_warmup(env, warm_state, rows["grpo"]["train_seconds"], log)
         else:
             rows[arm] = train_arm(env, arm, warm_state, rows["warm-up start"], log)
+    metrics.close()
     print()
     print_table(rows, cfg.n_layer)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
@@ -746,23 +925,25 @@ def run_seed(env):
     return rows
 
 
-def main(argv):
+def setup(argv, cls=Config, prog="oisd.py", validate_more=None):
+    """Parse and check every flag (exit 2 with one line on a bad one; validate_more checks the flags a
+    subclass of Config adds), check out_dir, print the run's facts. Returns the Env."""
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, cls, prog)
+        if validate_more:
+            validate_more(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    check_out_dir(cfg.out_dir)
     env = Env(cfg)
-    print(f"device: {env.device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print(f"device: {env.device} | precision: {env.precision} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    if cfg.bench or cfg.seeds:
-        import experiments  # the measurement tools: a benchmark, or a grid of seeds with tables and plots
-        if cfg.bench:
-            experiments.bench(env)
-        else:
-            experiments.run_grid(cfg)
-    else:
-        run_seed(env)
+    return env
+
+
+def main(argv):
+    run_seed(setup(argv))
 
 
 if __name__ == "__main__":

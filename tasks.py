@@ -10,10 +10,15 @@ Arithmetic tasks with an exact-answer reward, and the tokenizer over their small
 Every prompt of a task has the same length (operands are zero-padded), so a batch of prompts is a
 rectangular tensor. The reward reads only the final answer (a sparse outcome reward): the completion
 must end with the end-of-text token and parse strictly, or it earns 0.
+
+Held out means held out: a problem whose operands are a reordering of a held-out problem's ('b+a=' for a
+held-out 'a+b=') has the same answer, so training never samples it either (see problem_key).
 """
 
+import math
 import random
 import re
+from collections import Counter
 
 import tiktoken
 
@@ -44,27 +49,50 @@ def get_tokenizer():
 
 
 class Task:
-    """A family of problems. Subclasses define n_numbers, sample(), solution() and size."""
+    """A family of problems 'x1+x2+...+xn=' whose answer is the sum. Subclasses set terms, digits,
+    n_numbers and define solution()."""
 
     n_numbers = 1  # how many comma-separated numbers a well-formed completion holds; the last is the answer
 
     def sample(self, rng):
         """rng: random.Random -> (prompt, answer) with prompt a string ending in '=' and answer an int."""
-        raise NotImplementedError
+        xs = [rng.randrange(10 ** self.digits) for _ in range(self.terms)]
+        return "+".join(f"{x:0{self.digits}d}" for x in xs) + "=", sum(xs)
+
+    @property
+    def size(self):
+        """How many distinct prompts the task has."""
+        return 10 ** (self.terms * self.digits)
 
     def solution(self, prompt):
         """The worked completion of a prompt, without the EOS token."""
         raise NotImplementedError
 
-    def reward(self, completion, answer):
-        """1.0 if the completion is exactly `n1,n2,...<|endoftext|>` with n_numbers numbers and the last
-        equals answer, else 0.0 (empty, garbage, extra or missing numbers, or no EOS = truncated)."""
+    def operands(self, prompt):
+        return [int(x) for x in prompt[:-1].split("+")]
+
+    def parse(self, completion):
+        """The numbers of a well-formed completion `n1,n2,...<|endoftext|>` holding n_numbers numbers,
+        or None (empty, garbage, extra or missing numbers, or no EOS = truncated)."""
         if not completion.endswith(EOS):
-            return 0.0
+            return None
         numbers = completion[: -len(EOS)].split(",")
         if len(numbers) != self.n_numbers or not all(re.fullmatch(r"[0-9]+", n) for n in numbers):
-            return 0.0
-        return float(int(numbers[-1]) == answer)
+            return None
+        return [int(n) for n in numbers]
+
+    def reward(self, completion, answer):
+        """1.0 if the completion is well-formed (see parse) and its last number equals answer, else 0.0."""
+        numbers = self.parse(completion)
+        return float(numbers is not None and numbers[-1] == answer)
+
+    def steps(self, completion, prompt):
+        """Which of the completion's numbers are the correct running sums: a list of n_numbers bools
+        (all False if the completion is malformed). The process metric of the chain task."""
+        numbers = self.parse(completion)
+        xs = self.operands(prompt)
+        truth = [sum(xs[: i + 1]) for i in range(len(xs) - self.n_numbers, len(xs))]
+        return [False] * self.n_numbers if numbers is None else [n == t for n, t in zip(numbers, truth)]
 
     @property
     def completion_tokens(self):
@@ -79,16 +107,10 @@ class Addition(Task):
     def __init__(self, digits=3):
         if digits < 1:
             raise ValueError(f"digits must be >= 1, got {digits}")
-        self.digits = digits
-        self.size = 10 ** (2 * digits)
-
-    def sample(self, rng):
-        a, b = rng.randrange(10 ** self.digits), rng.randrange(10 ** self.digits)
-        return f"{a:0{self.digits}d}+{b:0{self.digits}d}=", a + b
+        self.terms, self.digits = 2, digits
 
     def solution(self, prompt):
-        a, b = prompt[:-1].split("+")
-        return f"{int(a) + int(b):0{self.digits + 1}d}"
+        return f"{sum(self.operands(prompt)):0{self.digits + 1}d}"
 
 
 class Chain(Task):
@@ -102,16 +124,10 @@ class Chain(Task):
             raise ValueError(f"digits must be >= 1, got {digits}")
         self.terms, self.digits = terms, digits
         self.n_numbers = terms - 1
-        self.size = 10 ** (terms * digits)
-
-    def sample(self, rng):
-        xs = [rng.randrange(10 ** self.digits) for _ in range(self.terms)]
-        return "+".join(f"{x:0{self.digits}d}" for x in xs) + "=", sum(xs)
 
     def solution(self, prompt):
-        xs = [int(x) for x in prompt[:-1].split("+")]
-        sums = [sum(xs[: i + 1]) for i in range(1, len(xs))]
-        return ",".join(f"{s:0{self.digits + 1}d}" for s in sums)
+        xs = self.operands(prompt)
+        return ",".join(f"{sum(xs[: i + 1]):0{self.digits + 1}d}" for i in range(1, len(xs)))
 
 
 TASKS = {"add": Addition, "chain": Chain}
@@ -124,26 +140,46 @@ def make_task(name, **options):
     return TASKS[name](**options)
 
 
+def problem_key(task, prompt):
+    """The operands as a sorted tuple: every reordering of a problem has the same key (and answer)."""
+    return tuple(sorted(task.operands(prompt)))
+
+
+def orderings(key):
+    """How many distinct prompts share this key: the permutations of a multiset."""
+    return math.factorial(len(key)) // math.prod(math.factorial(c) for c in Counter(key).values())
+
+
 def heldout_split(task, n_test=500, n_val=200):
-    """Distinct problems fixed by EVAL_SEED: a test set and a separate validation set.
-    Returns (test, val), lists of (prompt, answer). Training must exclude both (see sample_problems)."""
+    """Problems fixed by EVAL_SEED, no two of them reorderings of each other: a test set and a separate
+    validation set. Returns (test, val), lists of (prompt, answer). Training must exclude every reordering
+    of both: pass heldout_keys(task, test + val) to sample_problems."""
     n = n_test + n_val
     if task.size < 4 * n:
         raise ValueError(f"task has only {task.size} problems, too few for {n} held-out ones; make it harder")
     rng, seen, problems = random.Random(EVAL_SEED), set(), []
     while len(problems) < n:
         prompt, answer = task.sample(rng)
-        if prompt not in seen:
-            seen.add(prompt)
+        if problem_key(task, prompt) not in seen:
+            seen.add(problem_key(task, prompt))
             problems.append((prompt, answer))
     return problems[:n_test], problems[n_test:]
 
 
+def heldout_keys(task, problems):
+    return {problem_key(task, prompt) for prompt, _ in problems}
+
+
+def trainable_size(task, exclude):
+    """How many distinct prompts training can sample: all of them but every reordering of a held-out one."""
+    return task.size - sum(orderings(key) for key in exclude)
+
+
 def sample_problems(task, rng, n, exclude):
-    """n training problems (repeats allowed) whose prompts are not in the set `exclude`."""
+    """n training problems (repeats allowed), none of them a reordering of a problem whose key is in `exclude`."""
     problems = []
     while len(problems) < n:
         prompt, answer = task.sample(rng)
-        if prompt not in exclude:
+        if problem_key(task, prompt) not in exclude:
             problems.append((prompt, answer))
     return problems

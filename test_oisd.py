@@ -4,11 +4,14 @@ Fast CPU tests; each checks the code against an independent computation (numpy, 
     python -m pytest -q
 """
 
+import dataclasses
 import json
 import math
 import os
 import random
+import itertools
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -18,11 +21,12 @@ import torch.nn.functional as F
 
 import experiments
 import oisd
+import tasks
 from model import GPT, GPTConfig, KVCache
 from oisd import (Config, alignment_weights, attention_alignment_loss, group_advantages, grpo_loss,
                   js_divergence, logit_alignment_loss, masked_mean, response_mask, rl_loss, safe_log,
                   token_logprobs)
-from tasks import EOS, get_tokenizer, heldout_split, make_task, sample_problems
+from tasks import EOS, get_tokenizer, heldout_keys, heldout_split, make_task, sample_problems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -270,7 +274,7 @@ def test_shared_prompt_forward_equals_full_forward():
     prompt, tails = torch.randint(0, 13, (1, 4)), torch.randint(0, 13, (3, 5))
     full_in = torch.cat([prompt.repeat(3, 1), tails], 1)
     logits, exits, attns = model(full_in, exit_layers=(1,), attn_layers=(1, 3))
-    cache = KVCache(3)
+    cache = KVCache()
     model(prompt, cache=cache)
     cache.repeat_interleave(3)
     s_logits, s_exits, s_attns = model(tails, cache=cache, exit_layers=(1,), attn_layers=(1, 3))
@@ -278,7 +282,7 @@ def test_shared_prompt_forward_equals_full_forward():
     torch.testing.assert_close(s_exits[1], exits[1][:, 4:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s_attns[3], attns[3][:, :, 4:], atol=1e-6, rtol=1e-5)
     grad_full = torch.autograd.grad(logits[:, 4:].square().sum(), model.transformer.wpe.weight)[0]
-    cache = KVCache(3)
+    cache = KVCache()
     model(prompt, cache=cache)
     cache.repeat_interleave(3)
     grad_shared = torch.autograd.grad(model(tails, cache=cache)[0].square().sum(), model.transformer.wpe.weight)[0]
@@ -382,14 +386,47 @@ def test_tasks_and_heldout_split():
         for p, a in prompts:
             assert task.reward(task.solution(p) + EOS, a) == 1.0
             assert sum(int(x) for x in p[:-1].split("+")) == a
-    test, val = heldout_split(make_task("add", digits=2))
-    assert len(test) == 500 and len({p for p, _ in test + val}) == 700
-    exclude = {p for p, _ in test + val}
-    assert not exclude & {p for p, _ in sample_problems(make_task("add", digits=2), rng, 2000, exclude)}
     with pytest.raises(ValueError, match="unknown task"):
         make_task("mul")
     with pytest.raises(ValueError):
         heldout_split(make_task("add", digits=1))
+
+
+@pytest.mark.parametrize("name, options", [("add", dict(digits=2)), ("add", dict(digits=3)),
+                                           ("chain", dict(terms=3, digits=2))])
+def test_no_reordering_of_a_heldout_problem_is_ever_trained(name, options):
+    """'b+a=' has the answer of a held-out 'a+b=': training must never see it, for any reordering."""
+    task = make_task(name, **options)
+    test, val = heldout_split(task)
+    assert len(test) == 500 and len(val) == 200
+    as_multisets = [tuple(sorted(int(x) for x in p[:-1].split("+"))) for p, _ in test + val]
+    assert len(set(as_multisets)) == 700  # no two held-out problems are reorderings of each other
+    exclude = heldout_keys(task, test + val)
+    drawn = sample_problems(task, random.Random(1), 20000, exclude)
+    assert not set(as_multisets) & {tuple(sorted(int(x) for x in p[:-1].split("+"))) for p, _ in drawn}
+    # and every reordering of a held-out prompt is refused, written out by hand
+    for p, _ in test[:50]:
+        xs = p[:-1].split("+")
+        for perm in itertools.permutations(xs):
+            assert tasks.problem_key(task, "+".join(perm) + "=") in exclude
+
+
+def test_trainable_size_matches_enumeration():
+    task = make_task("add", digits=2)
+    test, val = heldout_split(task)
+    exclude = heldout_keys(task, test + val)
+    trainable = sum(1 for a in range(100) for b in range(100) if tuple(sorted((a, b))) not in exclude)
+    assert tasks.trainable_size(task, exclude) == trainable
+    assert trainable < 10000 - 700  # most held-out pairs have a second ordering that is excluded too
+
+
+def test_chain_step_accuracy():
+    chain = make_task("chain", terms=4, digits=2)
+    prompt = "12+34+56+07="  # running sums 46, 102, 109
+    assert chain.steps("0046,0102,0109" + EOS, prompt) == [True, True, True]
+    assert chain.steps("046,103,109" + EOS, prompt) == [True, False, True]  # right answer, wrong step
+    assert chain.steps("046,102" + EOS, prompt) == [False, False, False]  # malformed: nothing counts
+    assert make_task("add", digits=2).steps("046" + EOS, "12+34=") == [True]
 
 
 # ---------------------------------------------------------------- the command line and the loop
@@ -405,13 +442,16 @@ def test_arm_config():
 
 def test_summarize_paired_difference_interval():
     final = {"grpo": [0.70, 0.75, 0.80, 0.72, 0.78], "oisd": [0.72, 0.74, 0.85, 0.75, 0.80]}
-    per_seed = {s: {arm: {"acc_L4": final[arm][s], "len": 5.0} for arm in final} for s in range(5)}
+    per_seed = {s: {arm: {"acc_L4": final[arm][s], "avgk": final[arm][s] / 2, "len": 5.0} for arm in final}
+                for s in range(5)}
     out = experiments.summarize(per_seed, 4)["oisd"]
     diff = np.array(final["oisd"]) - np.array(final["grpo"])
     half = 2.776 * diff.std(ddof=1) / math.sqrt(5)  # Student's t, 4 degrees of freedom, 97.5% quantile
-    assert out["diff_mean"] == pytest.approx(diff.mean())
-    assert (out["diff_lo"], out["diff_hi"]) == pytest.approx((diff.mean() - half, diff.mean() + half))
+    assert out["final_diff"] == pytest.approx(diff.mean())
+    assert (out["final_lo"], out["final_hi"]) == pytest.approx((diff.mean() - half, diff.mean() + half))
     assert out["final_std"] == pytest.approx(np.std(final["oisd"], ddof=1))
+    assert out["avgk_diff"] == pytest.approx(diff.mean() / 2)
+    assert out["final_mde"] == pytest.approx((2.776 + 0.941) * diff.std(ddof=1) / math.sqrt(5))
 
 
 def run_cli(*args):
@@ -422,7 +462,17 @@ def run_cli(*args):
 @pytest.mark.parametrize("arg", ["--n_embd=-8", "--align_layers=4", "--align_layers=0", "--task=mul",
                                  "--lambda_attn=-1", "--group_size=1", "--rl_steps=ten", "--colour=red",
                                  "--adv_weighting=sometimes", "--arms=sft_more,grpo", "--arms=oisd_pos:4",
-                                 "--seeds=0,x", "--preset=tpu", "--block_size=8", "--digits=1"])
+                                 "--preset=tpu", "--block_size=8", "--digits=1",
+                                 # nothing non-finite, out of range or absurd gets through
+                                 "--rl_lr=nan", "--temperature=nan", "--lambda_logit=nan", "--kl_beta=nan",
+                                 "--rl_lr=inf", "--lambda_attn=-inf", "--sft_target_acc=nan", "--grad_clip=0",
+                                 "--seed=-1", "--seed=99999999999", "--n_embd=100000", "--n_layer=1000",
+                                 "--prompts_per_step=100000", "--group_size=100000", "--clip_eps=1.5",
+                                 "--temperature=0", "--max_new_tokens=3", "--eval_size=501", "--rl_steps=-1",
+                                 "--precision=fp8", "--device=tpu", "--compile=maybe", "--rl_lr", "extra",
+                                 # an arm suffix must mean something
+                                 "--arms=grpo,sft_more:2", "--arms=grpo:2", "--arms=grpo,grpo", "--arms=oisd:",
+                                 "--arms=oisd:x", "--arms=oisd:1+1", "--align_layers=1,1", "--align_layers=a"])
 def test_cli_rejects_bad_values_with_status_2(arg):
     with pytest.raises(SystemExit) as e:
         oisd.main([arg])
@@ -465,9 +515,9 @@ def test_kl_sequence_reduction_and_several_iterations_run(tmp_path):
 
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     (tmp_path / "oisd_pos.pt").write_bytes(b"not a checkpoint")
-    result = run_cli(*SMOKE, f"--out_dir={tmp_path}", "--rl_steps=1", "--resume")
-    assert result.returncode != 0
-    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as e:
+        oisd.main(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=1", "--resume"])
+    assert "corrupt" in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 def test_nan_loss_stops_with_step_and_term(tmp_path, monkeypatch):
@@ -482,3 +532,461 @@ def test_checkpoint_without_the_expected_keys_is_one_clear_line(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(SystemExit, match="lacks optimizer, step"):
         oisd.load_checkpoint(path, "cpu", ("model", "optimizer", "step"))
+
+
+# ---------------------------------------------------------------- validity: numerics, streams, paths never run
+
+def tiny_env(tmp_path=None, **overrides):
+    cfg = Config(**dict(dict(out_dir=str(tmp_path or "unused"), digits=2, n_layer=3, n_head=2, n_embd=16,
+                             prompts_per_step=4, group_size=4, align_layers="1", eval_size=16), **overrides))
+    return oisd.Env(cfg)
+
+
+@pytest.mark.parametrize("arm", ["grpo", "oisd", "oisd_pos", "logit_only", "attn_only", "oisd_lens", "grpo_ce_exits"])
+def test_bf16_rollout_and_training_logprobs_agree_for_every_arm(arm, monkeypatch):
+    """Under bf16 autocast (emulated on the CPU) the training forward of every arm gives exactly the
+    sampler's log-probabilities, so the first ratio is 1: arms differ in method, not in numerics."""
+    env = tiny_env(precision="bf16")
+    cfg = oisd.arm_config(env.cfg, arm)
+    env.cfg = cfg
+    torch.manual_seed(0)
+    model = GPT(env.model_config(cfg))
+    problems = sample_problems(env.task, random.Random(0), 4, env.exclude)
+    seq, old_logp, _ = oisd.rollout(env, cfg, model, problems, torch.Generator().manual_seed(0))
+    seen = {}
+    real = oisd.grpo_loss
+    monkeypatch.setattr(oisd, "grpo_loss", lambda logp, old, *a, **k: seen.setdefault("logp", logp) is None or real(logp, old, *a, **k))
+    mask = response_mask(seq[:, env.prompt_len:], env.eos_id)
+    with oisd.autocast(env):
+        oisd.rl_loss(cfg, model, seq, env.prompt_len, old_logp, torch.randn(16), mask)
+    valid = mask.bool()
+    assert torch.equal(seen["logp"][valid], old_logp[valid])
+
+
+def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path):
+    """--compile: the compiled forward pads rollouts to fixed shapes, compiles before the timed steps, then
+    gives the eager loss step after step without compiling again."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    env = tiny_env(tmp_path, n_layer=2, compile=True)
+    cfg = oisd.arm_config(env.cfg, "oisd_pos")
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = GPT(env.model_config(cfg))
+    forward, seconds = oisd.compile_forward(env, cfg, models["compiled"])
+    assert seconds > 0 and all(p.grad is None for p in models["compiled"].parameters())
+    opts = {name: oisd.make_optimizer(m, 1e-3, "cpu") for name, m in models.items()}
+    gens = {name: torch.Generator().manual_seed(0) for name in models}
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    rng = random.Random(0)
+    for step in range(3):
+        problems = sample_problems(env.task, rng, 4, env.exclude)
+        eager, _ = oisd.rl_step(env, cfg, models["eager"], opts["eager"], problems, gens["eager"])
+        compiled, _ = oisd.rl_step(env, cfg, models["compiled"], opts["compiled"], problems, gens["compiled"], forward)
+        for key in ("loss_grpo", "loss_logit", "loss_attn", "reward"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), (step, key)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles  # no recompiles after compile_forward
+    torch._dynamo.reset()
+
+
+def test_rl_step_accepts_a_compiled_module_as_forward():
+    """The old `forward or model` called bool() on the compiled module and crashed."""
+    env = tiny_env(n_layer=2)
+    cfg = oisd.arm_config(env.cfg, "grpo")
+    model = GPT(env.model_config(cfg))
+
+    class NoBool(torch.nn.Module):  # stands in for an OptimizedModule, which has no __len__ and no __bool__
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+        def forward(self, *a, **k):
+            return self.inner(*a, **k)
+
+        @property
+        def config(self):
+            return self.inner.config
+
+    stats, _ = oisd.rl_step(env, cfg, model, oisd.make_optimizer(model, 1e-3, "cpu"),
+                            sample_problems(env.task, random.Random(0), 4, env.exclude), None, NoBool(model))
+    assert math.isfinite(stats["loss_grpo"])
+
+
+def test_k3_kl_and_ratio_are_finite_when_masked_positions_overflow():
+    """Tokens after EOS can be very improbable: exp of their log-ratio overflows. They are masked, so
+    neither the loss nor its gradient may become NaN."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    logp = torch.tensor([[-0.5, -1.0, -200.0, -300.0]], requires_grad=True)
+    old = torch.tensor([[-0.6, -1.1, 0.0, 0.0]])
+    ref = torch.tensor([[-0.4, -0.9, 0.0, 0.0]])
+    loss = grpo_loss(logp, old, torch.tensor([1.0]), mask, ref_logp=ref, kl_beta=0.1)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+    assert torch.equal(logp.grad[0, 2:], torch.zeros(2))
+    unmasked = grpo_loss(logp[:, :2].detach(), old[:, :2], torch.tensor([1.0]), mask[:, :2], ref_logp=ref[:, :2], kl_beta=0.1)
+    assert loss.item() == pytest.approx(unmasked.item(), rel=1e-6)
+
+
+def test_every_random_stream_is_its_own(monkeypatch, tmp_path):
+    """No two streams of a run, nor of two seeds, share data: record every batch of problems drawn by two
+    seeds' runs and check that no batch appears twice (seed s+1's warm-up used to be seed s's RL prompts)."""
+    purposes = ["init", "warmup", "rl_prompts", "rl_sampling", "sft_more", "probe", "avg_k", "bench"]
+    purposes += [f"diagnose/{step}" for step in range(1, 50)]
+    seeds = [oisd.stream_seed(s, p) for s in range(50) for p in purposes]
+    assert len(set(seeds)) == len(seeds)
+    drawn = []
+    real = oisd.sample_problems
+
+    def record(task, rng, n, exclude):
+        problems = real(task, rng, n, exclude)
+        drawn.append(tuple(problems))
+        return problems
+
+    monkeypatch.setattr(oisd, "sample_problems", record)
+    for seed in (0, 1):
+        oisd.main(SMOKE + [f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--rl_steps=4", "--arms=grpo,oisd_pos"])
+    batches = [b for b in drawn]
+    # the arms of one seed share their prompts on purpose (a paired design); apart from that, nothing repeats
+    unique_per_purpose = set(batches)
+    counts = {b: batches.count(b) for b in unique_per_purpose}
+    assert max(counts.values()) <= 2 and sum(c == 2 for c in counts.values()) == 2 * 4  # 4 RL steps, 2 seeds
+
+
+def test_nonfinite_weights_stop_the_run_with_step_and_term(tmp_path, monkeypatch):
+    real = oisd.make_optimizer
+
+    def poisoned(model, lr, device):
+        opt = real(model, lr, device)
+        step = opt.step
+
+        def bad_step(*a, **k):
+            out = step(*a, **k)
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+            return out
+
+        opt.step = bad_step
+        return opt
+
+    env = oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=3"]))
+    oisd.warmup(env)  # cached, unpoisoned
+    monkeypatch.setattr(oisd, "make_optimizer", poisoned)
+    with pytest.raises(SystemExit) as e:
+        oisd.run_seed(env)
+    assert "oisd_pos step 1: the weights" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        oisd.run_seed(oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path / 'new'}"])))
+    assert "warm-up step 1: the weights" in str(e.value.code)
+
+
+def test_cli_refuses_unusable_out_dir(tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for path in (afile, afile / "below"):
+        with pytest.raises(SystemExit) as e:
+            oisd.main([f"--out_dir={path}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "out_dir" in err
+
+
+def test_help_lists_every_flag_with_type_default_and_meaning(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            oisd.main([flag])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        for f in dataclasses.fields(Config):
+            line = next(l for l in out.splitlines() if l.strip().startswith(f"--{f.name} "))
+            assert type(f.default).__name__ in line, line
+        assert "(default: 0.0001)" in out and "stage 2: GRPO:" in out
+    groups = [title for title, _ in oisd.field_groups(experiments.ExpConfig)]
+    assert groups[0] == "run" and groups[-1] == "experiments"
+
+
+def test_resume_refuses_another_device_or_precision(tmp_path):
+    out = tmp_path / "run"
+    oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=2"])
+    ck = torch.load(out / "oisd_pos.pt", weights_only=True)
+    ck["device"] = "cuda"
+    torch.save(ck, out / "oisd_pos.pt")
+    with pytest.raises(SystemExit, match="made on cuda"):
+        oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=3", "--resume"])
+    ck["device"] = "cpu"
+    torch.save(ck, out / "oisd_pos.pt")
+    with pytest.raises(SystemExit, match="precision"):
+        oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=3", "--resume", "--precision=bf16"])
+
+
+def test_warmup_cache_is_keyed_on_what_changes_the_weights(tmp_path):
+    env = oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path}"]))
+    key = oisd.warmup_key(env)
+    assert {"device", "precision", "threads", "torch", "seed", "sft_lr"} <= set(key)
+    bf16 = oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path}", "--precision=bf16"]))
+    assert oisd.warmup_key(bf16) != key
+    oisd.warmup(env)
+    path = next(tmp_path.glob("warmup-*.pt"))
+    ck = torch.load(path, weights_only=True)
+    ck["key"]["sft_lr"] = 0.5  # a file whose stored key does not match its name
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="other settings"):
+        oisd.warmup(env)
+
+
+def test_sigkill_mid_arm_then_resume_gives_the_uninterrupted_table(tmp_path):
+    args = SMOKE + ["--rl_steps=12", "--arms=grpo,oisd_pos", "--eval_every=6"]
+    oisd.main(args + [f"--out_dir={tmp_path / 'a'}"])
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "oisd.py"), *args, f"--out_dir={out}"],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 100
+    while not (out / "oisd_pos.pt").exists() and time.time() < deadline:  # killed inside the second arm
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (out / "results.json").exists()
+    resumed = run_cli(*args, f"--out_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "a", out))
+    for arm in a:
+        for key in a[arm]:
+            if "sec" not in key:
+                assert a[arm][key] == b[arm][key], (arm, key)
+
+
+def test_dependencies_run_one_way_and_layers_are_one_based():
+    source = open(os.path.join(HERE, "oisd.py")).read()
+    assert "import experiments" not in source and "from experiments" not in source
+    model = tiny_model()
+    cache = KVCache()
+    model(torch.randint(0, 13, (1, 4)), cache=cache)
+    assert sorted(cache.k) == [1, 2, 3] and [model.block(l).attn.layer for l in (1, 2, 3)] == [1, 2, 3]
+
+
+def test_logit_lens_reads_exits_through_the_trained_ln_f():
+    model = tiny_model()
+    lens = oisd.logit_lens(model)
+    idx = torch.randint(0, 13, (2, 5))
+    h = model.block(1)(model.embed(idx))[0]
+    torch.testing.assert_close(lens(idx, exit_layers=(1,))[1][1], model.lm_head(model.transformer.ln_f(h)))
+    assert model.config.exit_norm == "own"  # the original is untouched
+
+
+def test_probe_fits_only_the_exit_norms_and_closes_the_gap_to_the_final_layer(tmp_path):
+    env = tiny_env(tmp_path)
+    torch.manual_seed(0)
+    model = GPT(env.model_config(env.cfg))
+    probe = experiments.probe_exits(env, model, steps=60, lr=0.05, batches=2)
+    for name, p in model.state_dict().items():
+        if not name.startswith("exit_ln"):
+            assert torch.equal(probe.state_dict()[name], p), name
+    assert not torch.equal(probe.exit_ln[0].weight, model.transformer.ln_f.weight)
+    # independent check of what it optimised: KL(final || exit) on fresh samples, lens start vs probe
+    seq, _ = model.generate(env.prompts(env.val[:8]), env.max_new, 1.0, 4, env.eos_id, torch.Generator().manual_seed(5))
+    P = env.prompt_len
+    mask = response_mask(seq[:, P:], env.eos_id)
+
+    def kl(m, layer):
+        with torch.no_grad():
+            logits, exits, _ = m(seq[:, :-1], exit_layers=(layer,))
+        t, s = F.log_softmax(logits[:, P - 1:], -1), F.log_softmax(exits[layer][:, P - 1:], -1)
+        return masked_mean((t.exp() * (t - s)).sum(-1), mask).item()
+
+    start = oisd.logit_lens(model)
+    assert kl(probe, 1) < 0.9 * kl(start, 1) and kl(probe, 2) < 0.9 * kl(start, 2)
+
+
+# ---------------------------------------------------------------- experiments: Avg@K, power
+
+def test_avg_k_pass_k_and_step_metrics_against_hand_counts(tmp_path):
+    env = oisd.Env(experiments.ExpConfig(out_dir=str(tmp_path), task="chain", terms=3, digits=2, eval_size=2, avg_k=3,
+                                         n_layer=2, n_head=2, n_embd=16))
+    (p1, a1), (p2, a2) = env.test
+    right1, right2 = env.task.solution(p1), env.task.solution(p2)
+    wrong_step1 = "999," + right1.split(",")[1]  # right answer, wrong running sum
+    greedy = [right1, "5"]
+    sampled = [right1, wrong_step1, "0,0", right2, right2, "1"]  # problem 1: 2 of 3 right, problem 2: 2 of 3
+
+    class Fake:
+        def generate(self, prompts, max_new, temperature=1.0, num_samples=1, eos_id=None, generator=None):
+            texts = greedy if temperature == 0 else sampled
+            problems = [p1, p2] if temperature == 0 else [p1, p1, p1, p2, p2, p2]
+            rows = [env.tok.encode(p + t) + [env.eos_id] for p, t in zip(problems, texts)]
+            width = max(map(len, rows))
+            return torch.tensor([r + [env.eos_id] * (width - len(r)) for r in rows]), None
+
+    out = experiments.sampled_and_step_metrics(env, Fake())
+    assert out["avgk"] == pytest.approx(4 / 6) and out["passk"] == 1.0
+    assert out["all_steps"] == 0.5 and out["step_acc"] == 0.5  # greedy: one fully right, one malformed
+    assert out["sampled_all_steps"] == pytest.approx(3 / 6) and out["sampled_step_acc"] == pytest.approx(3 / 6)
+
+
+def student_t_cdf(x, df):
+    """CDF of Student's t by numerical integration of its density (independent of the tables)."""
+    grid = np.linspace(0, x, 200001)  # the density is symmetric: CDF(x) = 1/2 + integral from 0 to x
+    density = np.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * (1 + grid**2 / df) ** (-(df + 1) / 2)
+    return 0.5 + float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(grid)))
+
+
+def test_t_quantile_tables():
+    for df in (1, 2, 4, 9, 30):
+        assert student_t_cdf(experiments.T975[df - 1], df) == pytest.approx(0.975, abs=2e-3)
+        assert student_t_cdf(experiments.T80[df - 1], df) == pytest.approx(0.80, abs=2e-3)
+
+
+def test_minimum_detectable_effect_has_80_percent_power():
+    """Simulate paired t-tests on 5 and 10 seeds with a true effect equal to the MDE: about 80% reject."""
+    rng = np.random.default_rng(0)
+    for n in (5, 10):
+        mde = experiments.min_detectable_effect(1.0, n)
+        d = rng.normal(mde, 1.0, size=(40000, n))
+        t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+        power = np.mean(np.abs(t) > experiments.T975[n - 2])
+        assert 0.75 < power < 0.85, (n, power)
+    assert experiments.seeds_needed(1.0, experiments.min_detectable_effect(1.0, 7)) == 7
+
+
+@pytest.mark.parametrize("arg", ["--seeds=0,x", "--seeds=1,1", "--seeds=-1", "--avg_k=0", "--probe_lr=nan",
+                                 "--spec_layers=4", "--spec_layers=a", "--report=/nonexistent"])
+def test_experiment_flags_are_checked(arg):
+    with pytest.raises(SystemExit) as e:
+        experiments.main([arg])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- self-speculative decoding
+
+def disagreeing_model(seed, n_layer=4, vocab=15, sharpness=10.0, exit_noise=1.0):
+    """A random model with varied, fairly sharp next-token distributions whose exits, their norms
+    perturbed, often disagree with its final layer."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=n_layer, n_head=2, n_embd=16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(0.5 * torch.randn_like(p))
+            if name.startswith("exit_ln"):
+                p.add_(exit_noise * torch.randn_like(p))
+            if name.endswith("wte.weight"):
+                p.mul_(sharpness)
+    return model
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    disagreements, cases = [], 0
+    for seed in range(3):
+        model = disagreeing_model(seed)
+        for prompt_seed in range(2):
+            idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(prompt_seed))
+            for eos in (None, 13, int(idx[0, 0])):
+                plain, _ = model.generate(idx, 14, temperature=0, eos_id=eos)
+                for layer in (1, 2, 3):
+                    for k in (1, 3, 6):
+                        out, stats = model.speculative_generate(idx, 14, layer, k, eos_id=eos)
+                        assert torch.equal(out, plain), (seed, prompt_seed, eos, layer, k)
+                        assert stats["tokens"] == plain.size(1) - 5 and stats["accepted"] <= stats["drafted"]
+                        disagreements.append(1 - stats["accepted"] / max(stats["drafted"], 1))
+                        cases += 1
+    assert cases == 162 and np.mean(disagreements) > 0.25  # the drafts were often wrong, and still exact
+
+
+def test_speculative_eos_inside_the_accepted_prefix_and_max_new_tokens_mid_draft():
+    model = disagreeing_model(1)
+    idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(0))
+    plain, _ = model.generate(idx, 12, temperature=0)
+    tokens = plain[0, 5:].tolist()
+    eos = tokens[3]  # declare the 4th generated token to be EOS: the output must stop right after it
+    out, _ = model.speculative_generate(idx, 12, 3, 6, eos_id=eos)
+    expect, _ = model.generate(idx, 12, temperature=0, eos_id=eos)
+    assert torch.equal(out, expect) and out[0, -1] == eos and out.size(1) <= 5 + 4
+    for max_new in (1, 2, 3, 7):  # the budget runs out inside a draft
+        out, stats = model.speculative_generate(idx, max_new, 3, 6)
+        assert torch.equal(out, plain[:, : 5 + max_new]) and stats["tokens"] == max_new
+    with pytest.raises(ValueError, match="one sequence"):
+        model.speculative_generate(idx.repeat(2, 1), 4, 2, 2)
+    with pytest.raises(ValueError):
+        model.speculative_generate(idx, 4, 4, 2)
+
+
+def exact_three_token_distribution(model, idx, temperature):
+    """P(t1, t2, t3) of the full model, by enumeration."""
+    V = model.config.vocab_size
+    probs = np.zeros((V, V, V))
+    with torch.no_grad():
+        p1 = F.softmax(model(idx)[0][0, -1] / temperature, -1)
+        for a in range(V):
+            p2 = F.softmax(model(torch.cat([idx, torch.tensor([[a]])], 1))[0][0, -1] / temperature, -1)
+            for b in range(V):
+                p3 = F.softmax(model(torch.cat([idx, torch.tensor([[a, b]])], 1))[0][0, -1] / temperature, -1)
+                probs[a, b] = (p1[a] * p2[b] * p3).numpy()
+    return probs.reshape(-1)
+
+
+def chi_square_rejects(counts, probs, z=3.09):
+    """Pearson's chi-square against probs (cells with expected count < 5 pooled); True if it rejects at
+    about the 0.1% level (the Wilson-Hilferty approximation to the chi-square quantile)."""
+    n = counts.sum()
+    expected = n * probs
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    stat = ((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum()
+    df = len(obs) - 1
+    return stat > df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def wrong_always_accept(target, draft, tokens, generator=None):
+    if target.size(0) > len(tokens):
+        return len(tokens), int(torch.multinomial(target[len(tokens)], 1, generator=generator))
+    return len(tokens), None
+
+
+def wrong_resample_from_target(target, draft, tokens, generator=None):
+    for i, x in enumerate(tokens):
+        if torch.rand((), generator=generator) >= min(1.0, (target[i, x] / draft[i, x]).item()):
+            return i, int(torch.multinomial(target[i], 1, generator=generator))
+    if target.size(0) > len(tokens):
+        return len(tokens), int(torch.multinomial(target[len(tokens)], 1, generator=generator))
+    return len(tokens), None
+
+
+@pytest.mark.parametrize("rule", ["exact", "always_accept", "resample_from_target"])
+def test_speculative_sampling_matches_the_model_distribution(rule, monkeypatch):
+    """Tokens 2-3 come from the first draft-and-verify cycle. Their joint law with token 1 over 1500
+    seeded samples must pass a chi-square test against the model's exact law; the same test must catch
+    the two wrong rules."""
+    import model as model_module
+    if rule != "exact":
+        monkeypatch.setattr(model_module, "speculative_accept", globals()[f"wrong_{rule}"])
+    model = disagreeing_model(2, n_layer=3, vocab=4, sharpness=3.0, exit_noise=3.0)
+    idx = torch.tensor([[1, 2, 0]])
+    probs = exact_three_token_distribution(model, idx, temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    counts = np.zeros(64)
+    for _ in range(1500):
+        out, _ = model.speculative_generate(idx, 3, 1, 2, temperature=1.0, generator=gen)
+        a, b, c = out[0, 3:].tolist()
+        counts[16 * a + 4 * b + c] += 1
+    assert chi_square_rejects(counts, probs) == (rule != "exact")
+
+
+def test_speculative_accept_rule_reproduces_the_target_distribution():
+    """The acceptance rule alone, with one draft drawn from q: the token it keeps follows p exactly."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    gen = torch.Generator().manual_seed(0)
+    counts = np.zeros(4)
+    for _ in range(20000):
+        x = int(torch.multinomial(q[0], 1, generator=gen))
+        n_ok, last = model_speculative_accept(p[:1], q, [x], gen)
+        counts[x if n_ok == 1 else last] += 1
+    assert not chi_square_rejects(counts, p[0].numpy())
+    assert model_speculative_accept(p, q, [0], gen)[0] == 1  # p/q = 5 >= 1: always accepted, then a bonus
+
+
+def model_speculative_accept(*args):
+    import model as model_module
+    return model_module.speculative_accept(*args)
