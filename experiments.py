@@ -6,7 +6,7 @@ RL steps, self-speculative decoding with each arm's exits, and RESULTS.md.
     python experiments.py --seeds=0,1,2,3,4 --arms=grpo,oisd,oisd_pos --resume   # a grid, then tables and plots
     python experiments.py --bench                                                # seconds per RL step, by phase
     python experiments.py --speculative --out_dir=runs/depth --n_layer=8 ...     # time the exits as drafters
-    python experiments.py --report=runs/add3,runs/chain                          # RESULTS.md from finished grids
+    python experiments.py --report=runs/add3,runs/chain --out_dir=.             # RESULTS.md from finished grids
     python experiments.py --help                                                 # every flag
 
 Every flag of oisd.py works here too. The plots need matplotlib (pip install matplotlib); without it they
@@ -14,6 +14,7 @@ are skipped.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, KVCache
-from oisd import (Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
-                  load_policy, make_optimizer, masked_mean, now, response_mask, rl_step, run_seed, sample_problems,
-                  setup, stream_seed, warmup)
+from oisd import (MAX_GIB, Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
+                  load_policy, make_optimizer, now, refuse, response_mask, rl_step, run_seed, sample_problems, setup,
+                  stream_seed, warmup)
 from tasks import EOS
 
 
@@ -47,7 +48,7 @@ class ExpConfig(Config):
     spec_problems: int = 100         # held-out problems timed per arm, exit layer and draft length
     spec_max_draft: int = 6          # draft lengths 1..spec_max_draft are timed
     spec_layers: str = ""            # exit layers tried as drafters, comma-separated (empty: every layer below the last)
-    report: str = ""                 # comma-separated grid out_dirs: write RESULTS.md from their summaries
+    report: str = ""                 # comma-separated grid out_dirs: write out_dir/RESULTS.md from their summaries
 
 
 EXP_RANGES = dict(avg_k=(1, 1024), probe_steps=(0, 10**6), probe_lr=(1e-9, 10.0), probe_batches=(1, 1000), bench_steps=(1, 10**5),
@@ -72,9 +73,15 @@ def validate_experiment(cfg):
         raise ConfigError(f"--spec_layers expects comma-separated integers, got {cfg.spec_layers!r}") from None
     if not all(1 <= layer < cfg.n_layer for layer in layers):
         raise ConfigError(f"--spec_layers: every layer must be in 1..{cfg.n_layer - 1}, got {cfg.spec_layers!r}")
-    for path in filter(None, cfg.report.split(",")):
-        if not os.path.exists(os.path.join(path, "summary.json")):
-            raise ConfigError(f"--report: {path} holds no summary.json (run its grid first)")
+    for path in cfg.report.split(",") if cfg.report else []:
+        if not path or not os.path.exists(os.path.join(path, "summary.json")):
+            raise ConfigError(f"--report: {path!r} holds no summary.json (run its grid first)")
+    if cfg.rl_steps < 1 and not (cfg.report or cfg.bench):
+        raise ConfigError("--rl_steps must be >= 1 for a grid or --speculative: they measure trained arms")
+    kv_gib = cfg.eval_size * cfg.avg_k * cfg.block_size * cfg.n_layer * cfg.n_embd * 8 / 2**30
+    if kv_gib > MAX_GIB:
+        raise ConfigError(f"--avg_k {cfg.avg_k} x --eval_size {cfg.eval_size} samples need a {kv_gib:.0f} GiB KV cache; "
+                          f"at most {MAX_GIB} GiB")
 
 
 def seed_envs(cfg):
@@ -83,12 +90,24 @@ def seed_envs(cfg):
             for s in (int(x) for x in cfg.seeds.split(","))}
 
 
-def trained_model(env, arm, warm_state):
-    """The model an arm ended with: the warm-up's for 'warm-up start', else the arm's checkpoint."""
-    model = load_policy(env, arm_config(env.cfg, "grpo" if arm == "warm-up start" else arm), warm_state)
-    if arm != "warm-up start":
-        model.load_state_dict(load_checkpoint(os.path.join(env.cfg.out_dir, f"{arm}.pt"), env.device)["model"])
+def trained_model(env, arm):
+    """The model an arm ended with, from out_dir/<arm>.pt; 'warm-up start' is the warm-up's model."""
+    if arm == "warm-up start":
+        return load_policy(env, env.cfg, warmup(env)).eval()
+    path = os.path.join(env.cfg.out_dir, f"{arm}.pt")
+    if not os.path.exists(path):
+        refuse(f"{path} does not exist: run the grid with --arms={arm} first")
+    model = GPT(env.model_config(arm_config(env.cfg, arm))).to(env.device)
+    model.load_state_dict(load_checkpoint(path, env.device)["model"])
     return model.eval()
+
+
+def model_digest(model):
+    """A hash of every weight: a cached measurement is reused only for the very model it measured."""
+    digest = hashlib.sha1()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode() + value.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -155,20 +174,20 @@ def sampled_and_step_metrics(env, model):
     return out
 
 
-def measure_arm(env, arm, warm_state):
+def measure_arm(env, arm):
     """Everything the grid adds to oisd's evaluation of an arm's final model: Avg@K, pass@K, step accuracy,
     and the held-out accuracy and agreement of every exit after the post-hoc probe (probe_*). Cached in
-    out_dir/measure-<arm>.json under the settings it depends on."""
+    out_dir/measure-<arm>.json under the settings it depends on and the digest of the model's weights."""
     cfg = env.cfg
+    model = trained_model(env, arm)
     key = dict(avg_k=cfg.avg_k, probe_steps=cfg.probe_steps, probe_lr=cfg.probe_lr, probe_batches=cfg.probe_batches,
-               eval_size=cfg.eval_size)
+               eval_size=cfg.eval_size, temperature=cfg.temperature, model=model_digest(model))
     path = os.path.join(cfg.out_dir, f"measure-{arm.replace(' ', '_')}.json")
     if os.path.exists(path):
         cached = json.load(open(path))
         if cached.get("key") == key:
             return cached["measures"]
     t0 = time.time()
-    model = trained_model(env, arm, warm_state)
     out = sampled_and_step_metrics(env, model)
     probe = probe_exits(env, model, cfg.probe_steps, cfg.probe_lr, cfg.probe_batches)
     probed = evaluate(env, probe, env.test, layers=list(range(1, cfg.n_layer)), lens=False)
@@ -191,17 +210,17 @@ def run_grid(cfg):
     for seed, env in seed_envs(cfg).items():
         print(f"\n=== seed {seed} ===")
         rows = run_seed(env)
-        warm_state = warmup(env)
-        per_seed[seed] = {arm: dict(ev, **measure_arm(env, arm, warm_state)) for arm, ev in rows.items()}
+        per_seed[seed] = {arm: dict(ev, **measure_arm(env, arm)) for arm, ev in rows.items()}
     arms = cfg.arms.split(",")
     summary = summarize(per_seed, cfg.n_layer)
     shown = sorted({l for arm in arms if arm.partition(":")[0] not in ("grpo", "sft_more")
                     for l in layer_list(arm_config(cfg, arm))})
     text = (f"{len(per_seed)} seeds ({cfg.seeds}); held-out problems: {cfg.eval_size}; K = {cfg.avg_k}.\n\n"
             "Final layer, greedy and sampled:\n\n" + final_table(summary, cfg.avg_k)
-            + "\n\nExits, held-out greedy accuracy (%): as trained / through the trained ln_f (lens) / after the "
-            f"post-hoc probe ({cfg.probe_steps} steps); greedy acceptance = top-1 agreement with the final layer "
-            "on its own greedy completions, as trained:\n\n" + exit_table(summary, cfg.n_layer, shown or [layer_list(cfg)[0]])
+            + "\n\nExits (%), each as trained / through the trained ln_f (lens) / after the post-hoc probe "
+            f"({cfg.probe_steps} steps): held-out greedy accuracy, and the greedy acceptance rate of self-speculative "
+            "decoding, which is the exit's top-1 agreement with the final layer on the final layer's own greedy "
+            "completions:\n\n" + exit_table(summary, cfg.n_layer, shown or [layer_list(cfg)[0]])
             + "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, per_seed, arms)
             + "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n"
             + early_exit_table(summary, cfg.n_layer, ["warm-up start"] + arms))
@@ -294,12 +313,12 @@ def final_table(summary, k):
 
 
 def exit_table(summary, n_layer, shown):
-    """Per arm and shown exit layer: accuracy as trained / lens / probe, and the greedy acceptance rate."""
-    lines = ["| arm | " + " | ".join(f"exit L{l}: trained / lens / probe | accept L{l}" for l in shown) + " |",
+    """Per arm and shown exit layer: accuracy and greedy acceptance rate, each as trained / lens / probe."""
+    lines = ["| arm | " + " | ".join(f"exit L{l} accuracy | accept L{l}" for l in shown) + " |",
              "|---|" + "---|---|" * len(shown)]
     for row, s in summary.items():
-        cells = [f"{pct(s[f'acc_L{l}'])} / {pct(s[f'lens_acc_L{l}'])} / {pct(s[f'probe_acc_L{l}'])} | "
-                 f"{pct(s[f'agree_L{l}'])}" for l in shown]
+        cells = [" / ".join(pct(s[f"{p}acc_L{l}"]) for p in ("", "lens_", "probe_")) + " | "
+                 + " / ".join(pct(s[f"{p}agree_L{l}"]) for p in ("", "lens_", "probe_")) for l in shown]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -389,9 +408,8 @@ def make_plots(cfg, seeds, arms, summary):
     shown = [a for a in ("grpo", "oisd", "oisd_pos") if a in arms]
     prompt = env.prompts(env.test[:1])
     fig, axes = plt.subplots(2, 1 + len(shown), figsize=(3.2 * (1 + len(shown)), 6.4), squeeze=False)
-    warm_state = warmup(env)  # the cached checkpoint of that seed
     for col, arm in enumerate(["warm-up start"] + shown):
-        model = trained_model(env, arm, warm_state)
+        model = trained_model(env, arm)
         with torch.inference_mode():
             seq, _ = model.generate(prompt, env.max_new, temperature=0, eos_id=env.eos_id)
             _, _, attns = model(seq[:, :-1], attn_layers=(aligned, L))
@@ -477,21 +495,21 @@ def bench(env):
 # Self-speculative decoding: each arm's exits as drafters
 
 @torch.inference_mode()
-def pass_costs(model, prompt, draft_layer, n_draft, repeats=50):
-    """Measured seconds of the pieces of decoding one sequence, at a cache as long as the prompt:
-    a plain decode step (all blocks and the head on one token), a draft step (blocks 1..l and the exit
-    head on one token) and a verification (blocks l+1..L and the head on n_draft+1 positions).
-    Medians over `repeats`. Returns {full, draft, verify}."""
-    L, l = model.config.n_layer, draft_layer
+def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=30):
+    """Measured seconds (medians over `repeats`) of the pieces of decoding one sequence at batch 1, with a
+    cache as long as the prompt: the prompt's pass (prefill), a plain decode step (every block and the head
+    on one token), a draft step (blocks 1..l and the exit head on one token) and a verification (blocks
+    l+1..L and the head on m positions, m = 1..max_draft+1). Returns {prefill, full, draft, verify: {m: s}}."""
+    L, l, dev = model.config.n_layer, draft_layer, env.device
 
     def timed(fn):
         times = []
         for _ in range(repeats):
             cache = KVCache()
-            model(prompt, cache=cache)
-            t0 = time.perf_counter()
+            model(prompt[:, :-1], cache=cache)
+            t0 = now(dev)
             fn(cache)
-            times.append(time.perf_counter() - t0)
+            times.append(now(dev) - t0)
         return float(np.median(times))
 
     def draft(cache):
@@ -500,36 +518,54 @@ def pass_costs(model, prompt, draft_layer, n_draft, repeats=50):
             x = model.block(layer)(x, cache)[0]
         model.exit_logits(x, l)
 
-    def verify(cache):
-        x = model.embed(prompt[:, -1:], cache.length()).repeat(1, n_draft + 1, 1)
+    def verify(cache, m):
+        x = model.embed(prompt[:, -1:], cache.length()).repeat(1, m, 1)  # (1, m, C): m positions' layer-l states
         for layer in range(l + 1, L + 1):
             x = model.block(layer)(x, cache)[0]
         model.exit_logits(x, L)
 
-    return {"full": timed(lambda cache: model(prompt[:, -1:], cache=cache)), "draft": timed(draft), "verify": timed(verify)}
+    return {"prefill": timed(lambda cache: model(prompt)), "full": timed(lambda cache: model(prompt[:, -1:], cache=cache)),
+            "draft": timed(draft), "verify": {m: timed(lambda cache: verify(cache, m)) for m in range(1, max_draft + 2)}}
 
 
+def predicted_speedup(a, k, new_tokens, costs):
+    """The speed-up of greedy self-speculation over plain decoding that the per-token acceptance rate a,
+    the draft length k and the measured costs (pass_costs) predict, for `new_tokens` tokens per problem.
+    After the prompt's pass gives the first token, each cycle drafts n = min(k, tokens left - 1) tokens
+    (n+1 draft steps: the last draft's successor is verified too), verifies n+1 positions, and keeps
+    j accepted drafts plus the full model's token with probability a^j (1 - a) for j < n, a^n for j = n."""
+    expected = {0: 0.0}  # expected seconds to produce `left` more tokens
+    for left in range(1, new_tokens):
+        n = min(k, left - 1)
+        keep = [a**j * (1 - a) for j in range(n)] + [a**n]
+        expected[left] = ((n + 1) * costs["draft"] + costs["verify"][n + 1]
+                          + sum(p * expected[left - j - 1] for j, p in enumerate(keep)))
+    plain = costs["prefill"] + (new_tokens - 1) * costs["full"]
+    return plain / (costs["prefill"] + expected[new_tokens - 1])
+
+
+@torch.inference_mode()
 def time_speculative(env, model, problems, layer, max_draft):
     """Greedy decoding of each problem at batch 1, plain (KV-cache generate) and self-speculative with the
-    exit of `layer` drafting 1..max_draft tokens, timed problem by problem in turn so that all see the
-    same machine load. Checks that every speculative output equals the plain one.
-    Returns {k: {seconds, plain_seconds, drafted, accepted, passes, tokens}}."""
-    rows = {k: dict(seconds=0.0, plain_seconds=0.0, drafted=0, accepted=0, passes=0, tokens=0)
+    exit of `layer` drafting k = 1..max_draft tokens, each pair timed back to back, in alternating order
+    from problem to problem, so both see the same machine load. Counts outputs that differ from plain
+    decoding (there should be none). Returns {k: {plain, spec (per-problem seconds), drafted, checked,
+    accepted, passes, tokens, mismatches}}."""
+    rows = {k: dict(plain=[], spec=[], drafted=0, checked=0, accepted=0, passes=0, tokens=0, mismatches=0)
             for k in range(1, max_draft + 1)}
-    for prompt, _ in problems:
+    for i, (prompt, _) in enumerate(problems):
         idx = env.prompts([(prompt, None)])
-        for k in rows:
-            t0 = time.perf_counter()
-            plain, _ = model.generate(idx, env.max_new, temperature=0, eos_id=env.eos_id)
-            t1 = time.perf_counter()
-            out, stats = model.speculative_generate(idx, env.max_new, layer, k, eos_id=env.eos_id)
-            t2 = time.perf_counter()
-            if not torch.equal(out, plain):
-                raise AssertionError(f"speculative decoding differs from plain decoding on {prompt!r}")
-            rows[k]["plain_seconds"] += t1 - t0
-            rows[k]["seconds"] += t2 - t1
-            for name in ("drafted", "accepted", "passes", "tokens"):
-                rows[k][name] += stats[name]
+        for k, row in rows.items():
+            for which in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
+                t0 = now(env.device)
+                if which == "plain":
+                    plain, _ = model.generate(idx, env.max_new, temperature=0, eos_id=env.eos_id)
+                else:
+                    out, stats = model.speculative_generate(idx, env.max_new, layer, k, eos_id=env.eos_id)
+                row[which].append(now(env.device) - t0)
+            row["mismatches"] += not torch.equal(out, plain)
+            for name in ("drafted", "checked", "accepted", "passes", "tokens"):
+                row[name] += stats[name]
     return rows
 
 
@@ -538,37 +574,41 @@ def spec_layers(cfg):
 
 
 def run_speculative(cfg):
-    """For every seed and arm of a finished grid in out_dir (CPU, fp32, batch 1, greedy): each exit layer as
-    the drafter with draft lengths 1..spec_max_draft on spec_problems held-out problems; the best draft
-    length's wall-clock speed-up over plain KV-cache decoding, beside the speed-up predicted from the
-    acceptance rate a and the measured per-pass costs: E[tokens per verification] = (1 - a^(k+1)) / (1 - a),
-    predicted time per token = (k * draft + verify) / E[tokens] against one full decode step.
-    Writes speculative.md and speculative.json in out_dir."""
-    torch.set_grad_enabled(False)
-    results, lines = [], []
+    """For every seed and arm of a finished grid in out_dir (greedy, batch 1): each exit layer in
+    spec_layers as the drafter, as trained and after the post-hoc probe, with draft lengths
+    1..spec_max_draft on spec_problems held-out problems. The draft length is chosen on the first half of
+    the problems and the speed-up over plain KV-cache decoding is measured on the second half (no
+    winner's curse); beside it, the speed-up predicted by the per-token acceptance rate and the measured
+    per-pass costs (predicted_speedup). Writes speculative.md and speculative.json in out_dir."""
+    results = []
     for seed, env in seed_envs(cfg).items():
-        warm_state = warmup(env)
         problems = env.test[: cfg.spec_problems]
+        half = len(problems) // 2
         for arm in cfg.arms.split(","):
-            model = trained_model(env, arm, warm_state)
-            for layer in spec_layers(cfg):
-                rows = time_speculative(env, model, problems, layer, cfg.spec_max_draft)
-                best = max(rows, key=lambda k: rows[k]["plain_seconds"] / rows[k]["seconds"])
-                r = rows[best]
-                a = r["accepted"] / max(r["drafted"], 1)
-                costs = pass_costs(model, env.prompts(problems[:1]), layer, best)
-                expected = (1 - a ** (best + 1)) / (1 - a) if a < 1 else best + 1
-                predicted = costs["full"] * expected / (best * costs["draft"] + costs["verify"])
-                results.append(dict(seed=seed, arm=arm, layer=layer, k=best, acceptance=a,
-                                    tokens_per_pass=r["tokens"] / r["passes"], passes_per_token=r["passes"] / r["tokens"],
-                                    ms_per_problem=1e3 * r["seconds"] / len(problems),
-                                    plain_ms_per_problem=1e3 * r["plain_seconds"] / len(problems),
-                                    speedup=r["plain_seconds"] / r["seconds"], predicted=predicted, costs=costs,
-                                    by_k={k: v["plain_seconds"] / v["seconds"] for k, v in rows.items()}))
-                x = results[-1]
-                print(f"seed {seed} {arm:>14} exit L{layer}: best k {best}, acceptance {a:.1%}, "
-                      f"{x['tokens_per_pass']:.2f} tokens/pass, {x['ms_per_problem']:.2f} ms vs "
-                      f"{x['plain_ms_per_problem']:.2f} ms plain: {x['speedup']:.2f}x (predicted {predicted:.2f}x)")
+            model = trained_model(env, arm)
+            drafters = {"as trained": model, "probe": probe_exits(env, model, cfg.probe_steps, cfg.probe_lr,
+                                                                  cfg.probe_batches)}
+            for drafter, m in drafters.items():
+                for layer in spec_layers(cfg):
+                    rows = time_speculative(env, m, problems, layer, cfg.spec_max_draft)
+                    k = max(rows, key=lambda k: sum(rows[k]["plain"][:half]) / sum(rows[k]["spec"][:half]))
+                    r = rows[k]
+                    a = r["accepted"] / max(r["checked"], 1)
+                    tokens = round(r["tokens"] / len(problems))
+                    costs = pass_costs(env, m, env.prompts(problems[:1]), layer, k)
+                    x = dict(seed=seed, arm=arm, drafter=drafter, layer=layer, k=k, acceptance=a,
+                             tokens_per_pass=r["tokens"] / r["passes"], passes_per_token=r["passes"] / r["tokens"],
+                             ms_per_problem=1e3 * float(np.mean(r["spec"][half:])),
+                             plain_ms_per_problem=1e3 * float(np.mean(r["plain"][half:])),
+                             speedup=sum(r["plain"][half:]) / sum(r["spec"][half:]),
+                             predicted=predicted_speedup(a, k, tokens, costs), costs=costs,
+                             mismatches=sum(v["mismatches"] for v in rows.values()),
+                             by_k={j: sum(v["plain"]) / sum(v["spec"]) for j, v in rows.items()})
+                    results.append(x)
+                    print(f"seed {seed} {arm:>12} {drafter:>10} exit L{layer}: k {k}, acceptance {a:.1%}, "
+                          f"{x['tokens_per_pass']:.2f} tokens/pass, {x['ms_per_problem']:.2f} vs "
+                          f"{x['plain_ms_per_problem']:.2f} ms: {x['speedup']:.2f}x (predicted {x['predicted']:.2f}x), "
+                          f"{x['mismatches']} outputs differ from plain decoding")
     text = speculative_table(results)
     print("\n" + text)
     with open(os.path.join(cfg.out_dir, "speculative.json"), "w") as f:
@@ -579,18 +619,20 @@ def run_speculative(cfg):
 
 
 def speculative_table(results):
-    """Means over seeds per (arm, exit layer) of the best-draft-length measurements."""
+    """Means over seeds per (arm, drafter, exit layer) of the measurements at the chosen draft length."""
     groups = {}
     for r in results:
-        groups.setdefault((r["arm"], r["layer"]), []).append(r)
-    lines = ["| arm | exit | seeds | best k | acceptance | tokens per full pass | full passes per token | "
-             "ms per problem | plain ms | speed-up | predicted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (arm, layer), rs in groups.items():
+        groups.setdefault((r["arm"], r["drafter"], r["layer"]), []).append(r)
+    lines = ["| arm | drafter | exit | seeds | k | acceptance | tokens per full pass | full passes per token | "
+             "ms per problem | plain ms | speed-up | predicted | outputs differing |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (arm, drafter, layer), rs in groups.items():
         m = {key: float(np.mean([r[key] for r in rs])) for key in ("k", "acceptance", "tokens_per_pass",
              "passes_per_token", "ms_per_problem", "plain_ms_per_problem", "speedup", "predicted")}
-        lines.append(f"| {arm} | L{layer} | {len(rs)} | {m['k']:.1f} | {100 * m['acceptance']:.1f}% | "
+        lines.append(f"| {arm} | {drafter} | L{layer} | {len(rs)} | {m['k']:.1f} | {100 * m['acceptance']:.1f}% | "
                      f"{m['tokens_per_pass']:.2f} | {m['passes_per_token']:.3f} | {m['ms_per_problem']:.2f} | "
-                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x | {m['predicted']:.2f}x |")
+                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x | {m['predicted']:.2f}x | "
+                     f"{sum(r['mismatches'] for r in rs)} |")
     return "\n".join(lines)
 
 
@@ -631,10 +673,11 @@ def write_report(cfg):
             body += "\nSelf-speculative decoding (greedy, batch 1, CPU):\n\n" + open(spec).read()
         sections.append(f"## {setting} (`{path}`)\n\n{body}")
     text = "\n".join(lines) + "\n\n" + "\n".join(sections)
-    with open("RESULTS.md", "w") as f:
+    path = os.path.join(cfg.out_dir, "RESULTS.md")
+    with open(path, "w") as f:
         f.write(text)
     print("\n".join(lines))
-    print("\nwrote RESULTS.md")
+    print(f"\nwrote {path}")
 
 
 def main(argv):

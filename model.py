@@ -257,13 +257,16 @@ class GPT(nn.Module):
         plus one token of its own. Exact: greedy gives generate(temperature=0)'s tokens; sampling gives
         tokens distributed as the full model's (speculative_accept).
         idx: (1, P). Returns tokens (1, P+R), like generate's (EOS included, nothing after it), and stats
-        {drafted, accepted, passes (full-model passes over blocks l+1..L, the prompt's included), tokens}.
+        {drafted, checked (drafts the rule looked at: up to and including the first rejected one), accepted,
+        passes (full-model passes over blocks l+1..L, the prompt's included), tokens}. The per-token
+        acceptance rate is accepted / checked; accepted / drafted also counts the drafts never looked at.
         """
         L, l = self.config.n_layer, draft_layer
         if idx.size(0) != 1:
             raise ValueError(f"speculative_generate decodes one sequence; got a batch of {idx.size(0)}")
-        if not 1 <= l < L or n_draft < 1:
-            raise ValueError(f"need 1 <= draft_layer < {L} and n_draft >= 1, got {l} and {n_draft}")
+        if not 1 <= l < L or n_draft < 1 or max_new_tokens < 1:
+            raise ValueError(f"need 1 <= draft_layer < {L}, n_draft >= 1 and max_new_tokens >= 1, "
+                             f"got {l}, {n_draft} and {max_new_tokens}")
 
         def distribution(logits):  # (m, V) logits -> fp32 probabilities at the temperature (one-hot when greedy)
             if temperature == 0:
@@ -272,7 +275,7 @@ class GPT(nn.Module):
 
         cache = KVCache()
         out = [draw(distribution(self(idx, cache=cache)[0][0, -1:])[0], generator)]  # the prompt: a full pass
-        stats = dict(drafted=0, accepted=0, passes=1)
+        stats = dict(drafted=0, checked=0, accepted=0, passes=1)
         # invariant: the cache holds every position but the newest token's, out[-1]
         while len(out) < max_new_tokens and out[-1] != eos_id:
             n = min(n_draft, max_new_tokens - len(out) - 1)  # the last new token is always the full model's
@@ -298,6 +301,7 @@ class GPT(nn.Module):
             out += drafts[:n_ok] + ([] if last is None else [last])
             cache.truncate(start + 1 + n_ok)  # keep out[-1]'s old newest token and the accepted drafts
             stats["drafted"] += len(drafts)
+            stats["checked"] += n_ok + (n_ok < len(drafts))
             stats["accepted"] += n_ok
             stats["passes"] += 1
         if eos_id is not None and eos_id in out:

@@ -167,7 +167,7 @@ def parse_args(argv, cls=Config, prog="oisd.py"):
     """A cls from --key=value flags (bools also as a bare --key), after the --preset if one is given.
     --help prints every flag and exits 0. Raises ConfigError (one line) on any bad flag or value."""
     presets = [arg.partition("=")[2] for arg in argv if arg.startswith("--preset=")]
-    if presets and presets[-1] not in PRESETS:
+    if presets and presets[-1] and presets[-1] not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {presets[-1]!r}; choose from {', '.join(PRESETS)}")
     defaults = cls(**PRESETS[presets[-1]]) if presets and presets[-1] else cls()
     parser = ArgumentParser(prog=prog, usage="%(prog)s [--key=value ...]", allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
@@ -201,7 +201,18 @@ RANGES = dict(seed=(0, 2**31 - 1), digits=(1, 9), terms=(2, 10), block_size=(2, 
 CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), precision=("auto", "fp32", "bf16"), exit_norm=("own", "ln_f"),
                task=("add", "chain"), loss_reduction=("token", "sequence"),
                adv_weighting=("signed", "positive", "abs", "none"))
-MAX_PARAMS, MAX_BATCH_TOKENS = 2 * 10**9, 2 * 10**7  # sizes beyond these are refused as absurd for this code
+MAX_GIB = 32  # a run whose rough memory estimate (estimated_gib) is larger is refused before it starts
+
+
+def estimated_gib(cfg):
+    """A rough upper estimate of a run's peak memory in GiB: fp32 weights, gradients and two AdamW moments
+    (16 bytes a parameter), plus the activations of the largest training batch (about 20 floats per token,
+    layer and unit of width, and the attention rows of every head)."""
+    params = 12 * cfg.n_layer * cfg.n_embd**2
+    rows = max(cfg.sft_batch, cfg.prompts_per_step * cfg.group_size)
+    T = cfg.block_size
+    activations = 4 * rows * cfg.n_layer * (20 * T * cfg.n_embd + 2 * cfg.n_head * T * T)
+    return (16 * params + activations) / 2**30
 
 
 def validate(cfg):
@@ -216,12 +227,9 @@ def validate(cfg):
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
-    if 12 * cfg.n_layer * cfg.n_embd**2 > MAX_PARAMS:
-        raise ConfigError(f"--n_layer {cfg.n_layer} x --n_embd {cfg.n_embd} is about "
-                          f"{12 * cfg.n_layer * cfg.n_embd**2:.1e} parameters; at most {MAX_PARAMS:.0e}")
-    if max(cfg.sft_batch, cfg.prompts_per_step * cfg.group_size) * cfg.block_size > MAX_BATCH_TOKENS:
-        raise ConfigError(f"a batch of {cfg.prompts_per_step} x {cfg.group_size} (or --sft_batch {cfg.sft_batch}) "
-                          f"x {cfg.block_size} positions is too large; at most {MAX_BATCH_TOKENS:.0e} tokens")
+    if estimated_gib(cfg) > MAX_GIB:
+        raise ConfigError(f"this model and batch need roughly {estimated_gib(cfg):.0f} GiB (n_layer, n_embd, block_size, "
+                          f"sft_batch, prompts_per_step x group_size); at most {MAX_GIB} GiB is allowed")
     if (cfg.device == "cuda" and not torch.cuda.is_available()) or (cfg.device == "mps" and not torch.backends.mps.is_available()):
         raise ConfigError(f"--device={cfg.device} is not available on this machine")
     device = pick_device(cfg)
@@ -242,7 +250,7 @@ def validate(cfg):
             raise ConfigError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
         if colon and name in NO_LAYERS:
             raise ConfigError(f"--arms: {name} aligns no layer, so {arm!r} means nothing; write {name}")
-        if colon and not re.fullmatch(r"\d+(\+\d+)*", layers):
+        if colon and not re.fullmatch(r"[1-9]\d*(\+[1-9]\d*)*", layers):
             raise ConfigError(f"--arms: {arm!r}: write the layers as arm:1 or arm:1+3")
         if colon:
             validate(arm_config(dataclasses.replace(cfg, arms="grpo"), arm))
@@ -263,6 +271,12 @@ def validate(cfg):
         raise ConfigError(f"--block_size {cfg.block_size} is too small for prompt + max_new_tokens = {longest}")
 
 
+def refuse(message):
+    """Exit with status 2 and one line: the invocation is wrong, and no work has been done."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def check_out_dir(path):
     """Exit 2 with one line unless `path` is (or can be made) a writable directory."""
     try:
@@ -272,8 +286,7 @@ def check_out_dir(path):
             pass
         os.remove(probe)
     except OSError as e:
-        print(f"error: --out_dir={path} is not a usable directory ({e.strerror or type(e).__name__})", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"--out_dir={path} is not a usable directory ({e.strerror or type(e).__name__})")
 
 
 def task_options(cfg):
@@ -685,6 +698,7 @@ def compile_forward(env, cfg, model):
     dummy batch (no optimizer step), so that compile time stays out of the timed RL steps.
     Returns (the compiled model, seconds spent compiling)."""
     t0 = now(env.device)
+    torch._dynamo.reset()  # every arm compiles afresh: the previous arms' graphs would count toward the recompile limit
     forward = torch.compile(model, dynamic=False)
     N, P, R = cfg.prompts_per_step * cfg.group_size, env.prompt_len, env.max_new
     seq = torch.full((N, P + R), env.eos_id, device=env.device)
@@ -777,19 +791,40 @@ def diagnose(env, cfg, model, problems, generator):
 
 # Config fields that may change between a run and its --resume: how often things happen, how long it runs.
 RESUMABLE = {"rl_steps", "eval_every", "log_every", "ckpt_every", "resume", "arms", "out_dir", "preset"}
+ARM_KEYS = ("model", "optimizer", "step", "result", "train_seconds", "rng", "gen", "config", "device", "precision",
+            "warmup_key")
 
 
-def check_same_config(ck, cfg, path):
-    """Exit with one line if the checkpoint was made with a config that differs beyond RESUMABLE."""
+def check_resumable(env, arm, ck, path, rl_steps=None):
+    """Exit 2 with one line unless checkpoint ck of `arm` can continue this run exactly: the same arm config
+    beyond RESUMABLE, device and precision (random streams and numerics differ on others), the same
+    warm-up (its key holds the thread count), and not already past rl_steps."""
+    cfg = arm_config(env.cfg, arm)
     differ = [f.name for f in dataclasses.fields(Config)
               if f.name not in RESUMABLE and ck["config"].get(f.name) != getattr(cfg, f.name)]
+    differ += [name for name, value in (("device", env.device), ("precision", env.precision),
+                                        ("warm-up (thread count, torch version)", warmup_key(env)))
+               if ck.get(name if name in ("device", "precision") else "warmup_key") != value]
     if differ:
-        sys.exit(f"error: {path} was made with other settings ({', '.join(differ)}); "
-                 "use another --out_dir or run without --resume")
+        refuse(f"{path} was made with other settings ({', '.join(differ)}); use another --out_dir or run without "
+               "--resume (or with the settings it was made with, such as OMP_NUM_THREADS)")
+    if rl_steps is not None and ck["step"] > rl_steps:
+        refuse(f"{path} is at step {ck['step']}, past --rl_steps={rl_steps}; use another --out_dir")
+
+
+def preflight(env):
+    """With --resume, check every arm checkpoint already in out_dir before any work starts."""
+    for arm in env.cfg.arms.split(",") if env.cfg.resume else []:
+        path = os.path.join(env.cfg.out_dir, f"{arm}.pt")
+        if os.path.exists(path):
+            keys = ARM_KEYS if arm != "sft_more" else ("result", "config", "device", "precision", "warmup_key")
+            check_resumable(env, arm, load_checkpoint(path, env.device, keys), path,
+                            None if arm == "sft_more" else env.cfg.rl_steps)
 
 
 def train_arm(env, arm, warm_state, start, log):
-    """Train one arm from the warm-up weights for rl_steps steps, evaluating every eval_every steps.
+    """Train one arm from the warm-up weights for rl_steps steps, evaluating the final layer and the aligned
+    exits every eval_every steps and every exit at the end.
     start: the warm-up model's evaluation. Checkpoints to out_dir/<arm>.pt; with --resume an
     interrupted arm continues where it stopped, exactly as if it had not stopped (same device only:
     the random streams of one device cannot be continued on another). Returns the final evaluation dict."""
@@ -801,12 +836,8 @@ def train_arm(env, arm, warm_state, start, log):
     gen = torch.Generator(env.device).manual_seed(stream_seed(cfg.seed, "rl_sampling"))  # the rollouts' noise
     path, step, result, train_seconds = os.path.join(cfg.out_dir, f"{arm}.pt"), 0, dict(start, train_seconds=0.0), 0.0
     if cfg.resume and os.path.exists(path):
-        ck = load_checkpoint(path, env.device, ("model", "optimizer", "step", "result", "train_seconds", "rng", "gen",
-                                                "config", "device"))
-        check_same_config(ck, cfg, path)
-        if ck["device"] != env.device:
-            sys.exit(f"error: {path} was made on {ck['device']}, not {env.device}; its random streams cannot "
-                     f"continue here: resume with --device={ck['device']} or use another --out_dir")
+        ck = load_checkpoint(path, env.device, ARM_KEYS)
+        check_resumable(env, arm, ck, path, cfg.rl_steps)
         try:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -832,7 +863,8 @@ def train_arm(env, arm, warm_state, start, log):
         for name, value in stats.items():
             sums[name] = sums.get(name, 0.0) + value
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
-            result = dict(evaluate(env, model, env.test), train_seconds=train_seconds)
+            layers = None if step == cfg.rl_steps else sorted({*layer_list(cfg), cfg.n_layer})  # every exit at the end
+            result = dict(evaluate(env, model, env.test, layers), train_seconds=train_seconds)
             log({"arm": arm, "step": step, **result})
             if cfg.lambda_logit > 0 or cfg.lambda_attn > 0:
                 purpose = f"diagnose/{step}"
@@ -854,7 +886,8 @@ def train_arm(env, arm, warm_state, start, log):
         if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "result": result,
                          "train_seconds": train_seconds, "rng": rng.getstate(), "gen": gen.get_state(),
-                         "config": dataclasses.asdict(cfg), "device": env.device}, path)
+                         "config": dataclasses.asdict(cfg), "device": env.device, "precision": env.precision,
+                         "warmup_key": warmup_key(env)}, path)
     return result
 
 
@@ -863,10 +896,12 @@ def continue_warmup(env, warm_state, seconds, log):
     (the grpo arm's), evaluated like an RL arm. Cached in out_dir/sft_more.pt once finished."""
     cfg, path = env.cfg, os.path.join(env.cfg.out_dir, "sft_more.pt")
     if cfg.resume and os.path.exists(path):
-        ck = load_checkpoint(path, env.device, ("result", "config"))
-        check_same_config(ck, cfg, path)
-        print(f"sft_more: reusing {path}")
-        return ck["result"]
+        ck = load_checkpoint(path, env.device, ("result", "config", "device", "precision", "warmup_key", "budget"))
+        check_resumable(env, "sft_more", ck, path)
+        if ck["budget"] == seconds:
+            print(f"sft_more: reusing {path}")
+            return ck["result"]
+        print(f"sft_more: {path} had a budget of {ck['budget']:.1f}s, grpo now trained {seconds:.1f}s: training again")
     model = load_policy(env, cfg, warm_state)
     opt = make_optimizer(model, cfg.sft_lr, env.device)
     rng, spent, step = random.Random(stream_seed(cfg.seed, "sft_more")), 0.0, 0
@@ -881,7 +916,8 @@ def continue_warmup(env, warm_state, seconds, log):
     result = dict(evaluate(env, model, env.test), train_seconds=spent)
     print(f"  sft_more {step} supervised steps in {spent:.0f}s | held-out acc {result[f'acc_L{cfg.n_layer}']:6.1%}")
     log({"arm": "sft_more", "step": step, **result})
-    save_atomic({"model": model.state_dict(), "result": result, "config": dataclasses.asdict(cfg)}, path)
+    save_atomic({"model": model.state_dict(), "result": result, "config": dataclasses.asdict(cfg), "budget": seconds,
+                 "device": env.device, "precision": env.precision, "warmup_key": warmup_key(env)}, path)
     return result
 
 
@@ -902,8 +938,9 @@ def run_seed(env):
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     print(env.describe())
+    preflight(env)
     warm_state = warmup(env)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w")  # a fresh run starts afresh
 
     def log(record):
         metrics.write(json.dumps(record) + "\n")

@@ -563,30 +563,36 @@ def test_bf16_rollout_and_training_logprobs_agree_for_every_arm(arm, monkeypatch
     assert torch.equal(seen["logp"][valid], old_logp[valid])
 
 
-def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path):
-    """--compile: the compiled forward pads rollouts to fixed shapes, compiles before the timed steps, then
-    gives the eager loss step after step without compiling again."""
+def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path, monkeypatch):
+    """--compile: the compiled forward pads rollouts to fixed shapes and compiles before the timed steps;
+    then it gives the eager loss step after step without compiling again, for one arm after another (a
+    grid compiles every arm: a stale cache must not push a later arm into eager fallback)."""
     import torch._dynamo
-    torch._dynamo.reset()
     env = tiny_env(tmp_path, n_layer=2, compile=True)
-    cfg = oisd.arm_config(env.cfg, "oisd_pos")
-    models = {}
-    for name in ("eager", "compiled"):
-        torch.manual_seed(0)
-        models[name] = GPT(env.model_config(cfg))
-    forward, seconds = oisd.compile_forward(env, cfg, models["compiled"])
-    assert seconds > 0 and all(p.grad is None for p in models["compiled"].parameters())
-    opts = {name: oisd.make_optimizer(m, 1e-3, "cpu") for name, m in models.items()}
-    gens = {name: torch.Generator().manual_seed(0) for name in models}
-    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    rng = random.Random(0)
-    for step in range(3):
-        problems = sample_problems(env.task, rng, 4, env.exclude)
-        eager, _ = oisd.rl_step(env, cfg, models["eager"], opts["eager"], problems, gens["eager"])
-        compiled, _ = oisd.rl_step(env, cfg, models["compiled"], opts["compiled"], problems, gens["compiled"], forward)
-        for key in ("loss_grpo", "loss_logit", "loss_attn", "reward"):
-            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), (step, key)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles  # no recompiles after compile_forward
+    counters = torch._dynamo.utils.counters
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # one arm's two graphs: a second arm needs a fresh cache
+    for arm in ("grpo", "oisd_pos"):
+        cfg = oisd.arm_config(env.cfg, arm)
+        models = {}
+        for name in ("eager", "compiled"):
+            torch.manual_seed(0)
+            models[name] = GPT(env.model_config(cfg))
+        before = counters["stats"]["unique_graphs"]
+        forward, seconds = oisd.compile_forward(env, cfg, models["compiled"])
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > before, arm  # compiled, not fallen back to eager
+        assert seconds > 0 and all(p.grad is None for p in models["compiled"].parameters())
+        opts = {name: oisd.make_optimizer(m, 1e-3, "cpu") for name, m in models.items()}
+        gens = {name: torch.Generator().manual_seed(0) for name in models}
+        rng = random.Random(0)
+        for step in range(2):
+            problems = sample_problems(env.task, rng, 4, env.exclude)
+            eager, _ = oisd.rl_step(env, cfg, models["eager"], opts["eager"], problems, gens["eager"])
+            compiled, _ = oisd.rl_step(env, cfg, models["compiled"], opts["compiled"], problems, gens["compiled"], forward)
+            for key in eager:
+                if key.startswith("loss_") or key == "reward":
+                    assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), (arm, step, key)
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after compile_forward
     torch._dynamo.reset()
 
 
@@ -637,7 +643,7 @@ def test_every_random_stream_is_its_own(monkeypatch, tmp_path):
     purposes = ["init", "warmup", "rl_prompts", "rl_sampling", "sft_more", "probe", "avg_k", "bench"]
     purposes += [f"diagnose/{step}" for step in range(1, 50)]
     seeds = [oisd.stream_seed(s, p) for s in range(50) for p in purposes]
-    assert len(set(seeds)) == len(seeds)
+    assert len(set(seeds)) == len(seeds) and len({s % 2**32 for s in seeds}) == len(seeds)
     drawn = []
     real = oisd.sample_problems
 
@@ -707,18 +713,36 @@ def test_help_lists_every_flag_with_type_default_and_meaning(capsys):
     assert groups[0] == "run" and groups[-1] == "experiments"
 
 
-def test_resume_refuses_another_device_or_precision(tmp_path):
+def test_resume_refuses_another_device_precision_warmup_or_step_before_any_work(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=2"])
+    monkeypatch.setattr(oisd, "warmup", lambda env: pytest.fail("work started before the checks"))
     ck = torch.load(out / "oisd_pos.pt", weights_only=True)
-    ck["device"] = "cuda"
+    for field, value, expect in [("device", "cuda", "device"), ("precision", "bf16", "precision"),
+                                 ("warmup_key", dict(ck["warmup_key"], threads=64), "thread count")]:
+        torch.save(dict(ck, **{field: value}), out / "oisd_pos.pt")
+        with pytest.raises(SystemExit) as e:
+            oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=3", "--resume"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expect in err and err.count("\n") == 1, err
     torch.save(ck, out / "oisd_pos.pt")
-    with pytest.raises(SystemExit, match="made on cuda"):
-        oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=3", "--resume"])
-    ck["device"] = "cpu"
-    torch.save(ck, out / "oisd_pos.pt")
-    with pytest.raises(SystemExit, match="precision"):
-        oisd.main(SMOKE + [f"--out_dir={out}", "--rl_steps=3", "--resume", "--precision=bf16"])
+    # another precision; a checkpoint already past --rl_steps; another setting
+    for extra in (["--rl_steps=3", "--precision=bf16"], ["--rl_steps=1"], ["--rl_steps=3", "--rl_lr=0.5"]):
+        with pytest.raises(SystemExit) as e:
+            oisd.main(SMOKE + [f"--out_dir={out}", "--resume"] + extra)
+        assert e.value.code == 2, extra
+    capsys.readouterr()
+
+
+def test_sft_more_retrains_when_the_grpo_budget_changes(tmp_path, capsys):
+    args = SMOKE + [f"--out_dir={tmp_path}", "--arms=grpo,sft_more"]
+    oisd.main(args + ["--rl_steps=2"])
+    first = torch.load(tmp_path / "sft_more.pt", weights_only=True)["budget"]
+    oisd.main(args + ["--rl_steps=2", "--resume"])
+    assert "sft_more: reusing" in capsys.readouterr().out
+    oisd.main(args + ["--rl_steps=4", "--resume"])
+    assert "training again" in capsys.readouterr().out
+    assert torch.load(tmp_path / "sft_more.pt", weights_only=True)["budget"] > first
 
 
 def test_warmup_cache_is_keyed_on_what_changes_the_weights(tmp_path):
@@ -955,7 +979,8 @@ def wrong_resample_from_target(target, draft, tokens, generator=None):
 
 @pytest.mark.parametrize("rule", ["exact", "always_accept", "resample_from_target"])
 def test_speculative_sampling_matches_the_model_distribution(rule, monkeypatch):
-    """Tokens 2-3 come from the first draft-and-verify cycle. Their joint law with token 1 over 1500
+    """Tokens 2-3 come from the first draft-and-verify cycle (two drafts, both checked by the rule when the
+    first is accepted). Their joint law with token 1 over 1500
     seeded samples must pass a chi-square test against the model's exact law; the same test must catch
     the two wrong rules."""
     import model as model_module
@@ -967,8 +992,8 @@ def test_speculative_sampling_matches_the_model_distribution(rule, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     counts = np.zeros(64)
     for _ in range(1500):
-        out, _ = model.speculative_generate(idx, 3, 1, 2, temperature=1.0, generator=gen)
-        a, b, c = out[0, 3:].tolist()
+        out, _ = model.speculative_generate(idx, 4, 1, 2, temperature=1.0, generator=gen)
+        a, b, c = out[0, 3:6].tolist()
         counts[16 * a + 4 * b + c] += 1
     assert chi_square_rejects(counts, probs) == (rule != "exact")
 
@@ -990,3 +1015,39 @@ def test_speculative_accept_rule_reproduces_the_target_distribution():
 def model_speculative_accept(*args):
     import model as model_module
     return model_module.speculative_accept(*args)
+
+
+def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulation():
+    model = disagreeing_model(1)
+    idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(3))
+    _, stats = model.speculative_generate(idx, 14, 2, 6)
+    assert stats["accepted"] <= stats["checked"] <= stats["drafted"] and stats["passes"] >= 2
+    # the prediction's bookkeeping against a plain Monte-Carlo simulation of the same process
+    costs = {"prefill": 5.0, "full": 2.0, "draft": 0.5, "verify": {m: 1.5 + 0.1 * m for m in range(1, 6)}}
+    rng = np.random.default_rng(0)
+    for a, k, n in [(0.9, 4, 10), (0.5, 2, 5), (1.0, 3, 7)]:
+        total = 0.0
+        for _ in range(20000):
+            left, seconds = n - 1, costs["prefill"]
+            while left > 0:
+                drafts = min(k, left - 1)
+                accepted = 0
+                while accepted < drafts and rng.random() < a:
+                    accepted += 1
+                seconds += (drafts + 1) * costs["draft"] + costs["verify"][drafts + 1]
+                left -= accepted + 1
+            total += seconds
+        simulated = (costs["prefill"] + (n - 1) * costs["full"]) / (total / 20000)
+        assert experiments.predicted_speedup(a, k, n, costs) == pytest.approx(simulated, rel=0.01), (a, k, n)
+
+
+def test_measure_cache_is_tied_to_the_model_it_measured(tmp_path, capsys):
+    grid = [f"--out_dir={tmp_path}", "--arms=grpo", "--digits=2", "--sft_max_steps=4", "--sft_eval_every=2",
+            "--eval_size=8", "--eval_every=2", "--prompts_per_step=4", "--group_size=4", "--n_layer=2",
+            "--align_layers=1", "--probe_steps=2", "--avg_k=2", "--probe_batches=1"]
+    experiments.main(grid + ["--rl_steps=2"])
+    assert "measured grpo" in capsys.readouterr().out
+    experiments.main(grid + ["--rl_steps=2", "--resume"])
+    assert "measured grpo" not in capsys.readouterr().out  # the same model: the cache is reused
+    experiments.main(grid + ["--rl_steps=4", "--resume"])
+    assert "measured grpo" in capsys.readouterr().out  # the model changed: measured again
