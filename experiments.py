@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, KVCache
-from oisd import (MAX_GIB, Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
-                  load_policy, make_optimizer, now, refuse, response_mask, rl_step, run_seed, sample_problems, setup,
-                  stream_seed, warmup)
+from oisd import (MAX_GIB, NO_LAYERS, Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
+                  load_policy, make_optimizer, now, preflight, refuse, response_mask, rl_step, run_seed, sample_problems,
+                  setup, stream_seed, warmup)
 from tasks import EOS
 
 
@@ -52,7 +52,7 @@ class ExpConfig(Config):
 
 
 EXP_RANGES = dict(avg_k=(1, 1024), probe_steps=(0, 10**6), probe_lr=(1e-9, 10.0), probe_batches=(1, 1000), bench_steps=(1, 10**5),
-                  spec_problems=(1, 500), spec_max_draft=(1, 32))
+                  spec_problems=(2, 500), spec_max_draft=(1, 32))
 
 
 def validate_experiment(cfg):
@@ -76,6 +76,8 @@ def validate_experiment(cfg):
     for path in cfg.report.split(",") if cfg.report else []:
         if not path or not os.path.exists(os.path.join(path, "summary.json")):
             raise ConfigError(f"--report: {path!r} holds no summary.json (run its grid first)")
+    if cfg.speculative and cfg.spec_problems > cfg.eval_size:
+        raise ConfigError(f"--spec_problems ({cfg.spec_problems}) must be at most --eval_size ({cfg.eval_size})")
     if cfg.rl_steps < 1 and not (cfg.report or cfg.bench):
         raise ConfigError("--rl_steps must be >= 1 for a grid or --speculative: they measure trained arms")
     kv_gib = cfg.eval_size * cfg.avg_k * cfg.block_size * cfg.n_layer * cfg.n_embd * 8 / 2**30
@@ -97,8 +99,11 @@ def trained_model(env, arm):
     path = os.path.join(env.cfg.out_dir, f"{arm}.pt")
     if not os.path.exists(path):
         refuse(f"{path} does not exist: run the grid with --arms={arm} first")
+    ck = load_checkpoint(path, env.device)
+    if arm != "sft_more" and ck.get("step") != env.cfg.rl_steps:
+        refuse(f"{path} stopped at step {ck.get('step')} of {env.cfg.rl_steps}: finish the grid first (--resume)")
     model = GPT(env.model_config(arm_config(env.cfg, arm))).to(env.device)
-    model.load_state_dict(load_checkpoint(path, env.device)["model"])
+    model.load_state_dict(ck["model"])
     return model.eval()
 
 
@@ -206,22 +211,24 @@ def measure_arm(env, arm):
 def run_grid(cfg):
     """For each seed, oisd's run (warm-up and every arm) in out_dir/seed<s>, then measure_arm for every
     row; then the summary tables (printed, and saved as summary.md and summary.json) and the plots."""
-    per_seed = {}
-    for seed, env in seed_envs(cfg).items():
+    per_seed, envs = {}, seed_envs(cfg)
+    for env in envs.values():  # every seed's checkpoints are checked before any seed trains
+        preflight(env)
+    for seed, env in envs.items():
         print(f"\n=== seed {seed} ===")
         rows = run_seed(env)
         per_seed[seed] = {arm: dict(ev, **measure_arm(env, arm)) for arm, ev in rows.items()}
     arms = cfg.arms.split(",")
     summary = summarize(per_seed, cfg.n_layer)
-    shown = sorted({l for arm in arms if arm.partition(":")[0] not in ("grpo", "sft_more")
+    shown = sorted({l for arm in arms if arm.partition(":")[0] not in NO_LAYERS
                     for l in layer_list(arm_config(cfg, arm))})
     text = (f"{len(per_seed)} seeds ({cfg.seeds}); held-out problems: {cfg.eval_size}; K = {cfg.avg_k}.\n\n"
             "Final layer, greedy and sampled:\n\n" + final_table(summary, cfg.avg_k)
             + "\n\nExits (%), each as trained / through the trained ln_f (lens) / after the post-hoc probe "
-            f"({cfg.probe_steps} steps): held-out greedy accuracy, and the greedy acceptance rate of self-speculative "
-            "decoding, which is the exit's top-1 agreement with the final layer on the final layer's own greedy "
-            "completions:\n\n" + exit_table(summary, cfg.n_layer, shown or [layer_list(cfg)[0]])
-            + "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, per_seed, arms)
+            f"({cfg.probe_steps} steps): held-out greedy accuracy, and the exit's top-1 agreement with the final layer "
+            "on the final layer's own greedy completions (what greedy drafting's acceptance rate estimates; "
+            "speculative.md has the rate itself):\n\n" + exit_table(summary, shown or [layer_list(cfg)[0]])
+            + "\n\nAlignment diagnostics (mean over seeds and evaluation steps):\n\n" + diagnostics_table(cfg, list(per_seed), arms)
             + "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n"
             + early_exit_table(summary, cfg.n_layer, ["warm-up start"] + arms))
     print("\n" + text)
@@ -247,7 +254,8 @@ def t_quantile(table, df, normal):
 
 def min_detectable_effect(sd, n):
     """The smallest true mean paired difference that a two-sided 5% t-test on n pairs with this standard
-    deviation of the differences detects with 80% power (normal approximation to the noncentral t)."""
+    deviation of the differences detects with 80% power: (t_0.975 + t_0.80) * sd / sqrt(n), both with n-1
+    degrees of freedom, the usual approximation to the noncentral t."""
     return (t_quantile(T975, n - 1, 1.960) + t_quantile(T80, n - 1, 0.8416)) * sd / math.sqrt(n)
 
 
@@ -293,7 +301,8 @@ def pct(x):
 
 
 def diff_cell(s, name):
-    """'+1.2 [-0.5, +2.9] (MDE 3.1)' in points, or '' for grpo itself."""
+    """'+1.2 [-0.5, +2.9] (3.1)' in points: mean paired difference [95% CI] (minimum detectable effect),
+    or '' for grpo itself."""
     if f"{name}_diff" not in s:
         return ""
     return (f"{100 * s[f'{name}_diff']:+.1f} [{100 * s[f'{name}_lo']:+.1f}, {100 * s[f'{name}_hi']:+.1f}] "
@@ -312,9 +321,9 @@ def final_table(summary, k):
     return "\n".join(lines)
 
 
-def exit_table(summary, n_layer, shown):
+def exit_table(summary, shown):
     """Per arm and shown exit layer: accuracy and greedy acceptance rate, each as trained / lens / probe."""
-    lines = ["| arm | " + " | ".join(f"exit L{l} accuracy | accept L{l}" for l in shown) + " |",
+    lines = ["| arm | " + " | ".join(f"exit L{l} accuracy | agree L{l}" for l in shown) + " |",
              "|---|" + "---|---|" * len(shown)]
     for row, s in summary.items():
         cells = [" / ".join(pct(s[f"{p}acc_L{l}"]) for p in ("", "lens_", "probe_")) + " | "
@@ -335,14 +344,15 @@ def read_metrics(cfg, seeds):
 
 
 def diagnostics_table(cfg, seeds, arms):
-    """Means over seeds and evaluation steps of the diagnose() records in each seed's metrics.jsonl."""
+    """Means over seeds and evaluation steps of the diagnose() records in each seed's metrics.jsonl, of the
+    records where a value is defined (a correlation is undefined when no group had distinct rewards)."""
     keys = ["w_group_sum", "jsd_adv_corr", "align_grad_norm", "grpo_grad_norm"]
     lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     records = read_metrics(cfg, seeds)
     for arm in arms:
         mine = [r for r in records if r["arm"] == arm and "diag_w_group_sum" in r]
         if mine:
-            lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r.get('diag_' + k, np.nan) for r in mine]):.4f}"
+            lines.append(f"| {arm} | " + " | ".join(f"{np.nanmean([r.get('diag_' + k, np.nan) for r in mine]):.4f}"
                                                   for k in keys) + " |")
     return "\n".join(lines)
 
@@ -373,11 +383,14 @@ def make_plots(cfg, seeds, arms, summary):
         return
     L, aligned = cfg.n_layer, layer_list(cfg)[0]
     records = read_metrics(cfg, seeds)
-    curves = [a for a in arms if a != "sft_more" and ":" not in a]  # the arms that align the same layer
+    # the arms evaluated every eval_every steps: every RL arm at the final layer; at the aligned exit, every
+    # arm whose align_layers holds it (grpo inherits the default align_layers, so it is there too)
+    curves = {L: [a for a in arms if a != "sft_more"],
+              aligned: [a for a in arms if a != "sft_more" and aligned in layer_list(arm_config(cfg, a))]}
     colors = dict(zip(["warm-up start"] + list(arms), plt.cm.tab20(np.linspace(0, 1, 20))))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, layer in zip(axes, (L, aligned)):
-        for arm in curves:
+        for arm in curves[layer]:
             by_step = {}
             for r in records:
                 if r["arm"] in (arm, "warm-up start") and f"acc_L{layer}" in r and (r["step"] % cfg.eval_every == 0
@@ -450,7 +463,7 @@ def bench(env):
                 torch.cuda.reset_peak_memory_stats()
             stats, seconds = rl_step(env, a["cfg"], a["model"], a["opt"], problems, a["gen"], a["forward"])
             if dev == "cuda":
-                peak[arm] = torch.cuda.max_memory_allocated() / 2**30
+                peak[arm] = max(peak.get(arm, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             if i >= 5:
                 a["times"].append(seconds)
                 a["tokens"].append(stats["tokens"])
@@ -462,8 +475,9 @@ def bench(env):
         med["sampled tok/s"] = float(np.median(a["tokens"])) / med["rollout"]
         if dev == "cuda":
             n_params = sum(p.numel() for p in a["model"].parameters())
-            # tokens trained per step, an upper bound: each prompt once per group, then R <= max_new per rollout
-            trained = cfg.prompts_per_step * (env.prompt_len - 1) + n * env.max_new
+            # an estimate, 6 x parameters x tokens (attention and the OISD terms not counted); tokens trained per
+            # step, an upper bound: each prompt once per group, then R <= max_new per rollout, num_iterations times
+            trained = (cfg.prompts_per_step * (env.prompt_len - 1) + n * env.max_new) * cfg.num_iterations
             med["train TFLOP/s"] = 6 * n_params * trained / med["fwd_bwd"] / 1e12
             med["peak GiB"] = peak[arm]
         rows[arm] = med
@@ -524,7 +538,7 @@ def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=30):
             x = model.block(layer)(x, cache)[0]
         model.exit_logits(x, L)
 
-    return {"prefill": timed(lambda cache: model(prompt)), "full": timed(lambda cache: model(prompt[:, -1:], cache=cache)),
+    return {"prefill": timed(lambda cache: model(prompt, cache=KVCache())), "full": timed(lambda cache: model(prompt[:, -1:], cache=cache)),
             "draft": timed(draft), "verify": {m: timed(lambda cache: verify(cache, m)) for m in range(1, max_draft + 2)}}
 
 
@@ -533,7 +547,9 @@ def predicted_speedup(a, k, new_tokens, costs):
     the draft length k and the measured costs (pass_costs) predict, for `new_tokens` tokens per problem.
     After the prompt's pass gives the first token, each cycle drafts n = min(k, tokens left - 1) tokens
     (n+1 draft steps: the last draft's successor is verified too), verifies n+1 positions, and keeps
-    j accepted drafts plus the full model's token with probability a^j (1 - a) for j < n, a^n for j = n."""
+    j accepted drafts plus the full model's token with probability a^j (1 - a) for j < n, a^n for j = n.
+    Every one of the n+1 draft steps is priced with its exit head although the last needs none (a slight
+    overestimate of the cost, so of the time)."""
     expected = {0: 0.0}  # expected seconds to produce `left` more tokens
     for left in range(1, new_tokens):
         n = min(k, left - 1)
@@ -578,7 +594,8 @@ def run_speculative(cfg):
     spec_layers as the drafter, as trained and after the post-hoc probe, with draft lengths
     1..spec_max_draft on spec_problems held-out problems. The draft length is chosen on the first half of
     the problems and the speed-up over plain KV-cache decoding is measured on the second half (no
-    winner's curse); beside it, the speed-up predicted by the per-token acceptance rate and the measured
+    winner's curse); the acceptance rate and the speed-up per draft length (by_k) are over all the
+    problems; beside them, the speed-up predicted by the per-token acceptance rate and the measured
     per-pass costs (predicted_speedup). Writes speculative.md and speculative.json in out_dir."""
     results = []
     for seed, env in seed_envs(cfg).items():

@@ -13,7 +13,8 @@ exit_norm='ln_f' every exit uses ln_f instead of a norm of its own: the plain lo
 One function computes the policy, whatever is asked of it: every layer's output comes from the fused
 scaled_dot_product_attention kernel, and the attention probabilities of the layers asked for are
 computed beside it (in fp32) for the loss that needs them; the exit heads run in fp32 even under bf16
-autocast. So the sampler, plain GRPO and GRPO+OISD all compute the same log-probabilities.
+autocast. So the sampler, plain GRPO and GRPO+OISD all compute the same log-probabilities (bit for bit
+on the CPU, eager, fp32 or bf16; elsewhere up to kernel rounding, which is then the same for every arm).
 generate() samples a batch with a KV cache; speculative_generate() decodes one sequence with the exit
 of an intermediate layer as the draft model and the full model as the verifier (exact).
 There is no dropout anywhere: RL needs the sampled policy and the trained policy to be the same function.
@@ -57,12 +58,12 @@ class CausalSelfAttention(nn.Module):
         start = k.size(2) - T  # absolute position of the first query
         # query i sits at position start+i and sees keys 0..start+i; a single query sees every key
         visible = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start)
-        if visible is None or start > 0:
+        if visible is None or start > 0:  # one query, or queries after cached keys: an explicit mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-        else:
+        else:  # a fresh sequence: the causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         att = None
-        if need_attn:  # the same probabilities the kernel used, formed explicitly for the attention loss
+        if need_attn:  # the kernel does not return its probabilities: recompute them, in fp32, for the loss
             att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_keys)
             if visible is not None:
                 att = att.masked_fill(~visible, float("-inf"))
@@ -299,7 +300,8 @@ class GPT(nn.Module):
             target = distribution(self.exit_logits(x, L)[0])  # (m, V): the full model at each position
             n_ok, last = speculative_accept(target, torch.stack(draft_probs) if drafts else target[:0], drafts, generator)
             out += drafts[:n_ok] + ([] if last is None else [last])
-            cache.truncate(start + 1 + n_ok)  # keep out[-1]'s old newest token and the accepted drafts
+            cache.truncate(start + 1 + n_ok)  # positions start..start+n_ok: the old newest token and the accepted
+            # drafts; `last` (now out[-1]) is not in the cache, so the invariant holds again
             stats["drafted"] += len(drafts)
             stats["checked"] += n_ok + (n_ok < len(drafts))
             stats["accepted"] += n_ok
@@ -324,7 +326,9 @@ def speculative_accept(target, draft, tokens, generator=None):
     """
     for i, x in enumerate(tokens):
         ratio = target[i, x] / draft[i, x]
-        if ratio < 1 and (ratio == 0 or torch.rand((), generator=generator, device=target.device) >= ratio):
+        if ratio >= 1:
+            continue  # the full model likes this token at least as much as the draft did: always accepted
+        if ratio == 0 or torch.rand((), generator=generator, device=target.device) >= ratio:  # rejected
             residual = (target[i] - draft[i]).clamp_min(0)
             return i, draw(residual / residual.sum(), generator)
     if target.size(0) > len(tokens):

@@ -167,6 +167,8 @@ def parse_args(argv, cls=Config, prog="oisd.py"):
     """A cls from --key=value flags (bools also as a bare --key), after the --preset if one is given.
     --help prints every flag and exits 0. Raises ConfigError (one line) on any bad flag or value."""
     presets = [arg.partition("=")[2] for arg in argv if arg.startswith("--preset=")]
+    if "--preset" in argv:  # argparse would take '--preset gpu' too, after the defaults were already chosen
+        raise ConfigError("write --preset=NAME (with '='), e.g. --preset=gpu")
     if presets and presets[-1] and presets[-1] not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {presets[-1]!r}; choose from {', '.join(PRESETS)}")
     defaults = cls(**PRESETS[presets[-1]]) if presets and presets[-1] else cls()
@@ -314,7 +316,8 @@ def masked_mean(values, mask, reduction="token"):
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
     """rewards: (N,) with N = groups * group_size, rollouts of one prompt consecutive.
-    Returns (N,) advantages: reward minus its group's mean, divided by (group std + eps) if scale.
+    Returns (N,) advantages: reward minus its group's mean, divided by (group std + eps) if scale, with the
+    sample standard deviation (G - 1 in the denominator, torch's default) and eps = 1e-4.
     A group whose rewards are all equal gets exactly zero (it says nothing about which rollout is better)."""
     r = rewards.view(-1, group_size)  # (groups, G)
     adv = r - r.mean(dim=1, keepdim=True)
@@ -377,8 +380,9 @@ def response_mask(completion, eos_id):
 def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_beta=0.0, reduction="token"):
     """PPO-clipped GRPO surrogate (DeepSeekMath), to be minimised.
     logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the policy that
-    sampled them (the ratio is 1 at the first of num_iterations updates, so the clip acts only on later
-    ones); advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
+    sampled them (the sampler and the training forward compute the same function, so the ratio is 1 at
+    the first of num_iterations updates and the clip acts only on later ones; with num_iterations = 1 the
+    gradient is the plain policy gradient of -A * logp, though the value is -A); advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
     Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, where
     k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled from the
     current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be
@@ -396,8 +400,11 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_
 
 def logit_alignment_loss(student_logits, teacher_logits, weights, mask, reduction="token"):
     """OISD logit term. student_logits: (N, R, V) exit logits of the aligned layer; teacher_logits: (N, R, V)
-    final-layer logits (detached here: the teacher is not trained by this term); weights: (N,) per rollout
-    (see alignment_weights); mask: (N, R). Per position: weight * JSD(teacher, student); masked_mean."""
+    final-layer logits. Only the teacher's outputs are detached, its weights are not frozen: the final
+    layer still trains through L_GRPO, and this term's gradient reaches the exit norm, blocks 1..l, wpe and
+    the tied wte/lm_head. weights: (N,) per rollout (see alignment_weights); mask: (N, R).
+    Per position: weight * JSD(teacher, student), both at temperature 1 (not the sampling temperature);
+    masked_mean."""
     jsd = js_divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1))
     return masked_mean(weights.unsqueeze(1) * jsd, mask, reduction)
 
@@ -440,6 +447,8 @@ def now(device):
     """Wall time, after waiting for queued GPU work so that phases are timed honestly."""
     if device == "cuda":
         torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
     return time.perf_counter()
 
 
@@ -664,7 +673,8 @@ def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=No
     group and its keys and values are shared by the group's rollouts (as in the sampler); the rest runs
     per rollout and yields, at the R positions that predict response tokens, the final logits, the exit
     logits of the aligned layers and, if lambda_attn > 0, the attention rows of the aligned layers and
-    the last layer. Returns (total loss, {term: scalar})."""
+    the last layer. With several aligned layers each OISD term is the mean over them.
+    Returns (total loss, {term: scalar})."""
     L, layers, P = model.config.n_layer, layer_list(cfg), prompt_len
     cache = KVCache()
     model(seq[:: cfg.group_size, : P - 1], cache=cache)  # (N/G, P-1): fills the cache
@@ -817,7 +827,7 @@ def preflight(env):
     for arm in env.cfg.arms.split(",") if env.cfg.resume else []:
         path = os.path.join(env.cfg.out_dir, f"{arm}.pt")
         if os.path.exists(path):
-            keys = ARM_KEYS if arm != "sft_more" else ("result", "config", "device", "precision", "warmup_key")
+            keys = ARM_KEYS if arm != "sft_more" else ("result", "config", "budget", "device", "precision", "warmup_key")
             check_resumable(env, arm, load_checkpoint(path, env.device, keys), path,
                             None if arm == "sft_more" else env.cfg.rl_steps)
 

@@ -42,7 +42,8 @@ class ArithmeticEncoding(tiktoken.Encoding):
 
 
 def get_tokenizer():
-    """One token per character of CHARS (ids 0..12), then EOS (13) and PAD (14). Nothing is downloaded."""
+    """One token per character of CHARS (ids 0..12), then EOS (13) and PAD (14). Nothing is downloaded.
+    PAD is reserved and never used: prompts of a task have equal length, and rollouts are padded with EOS."""
     ranks = {ch.encode(): i for i, ch in enumerate(CHARS)}
     specials = {EOS: len(CHARS), PAD: len(CHARS) + 1}
     return ArithmeticEncoding(name="arithmetic", pat_str=r".", mergeable_ranks=ranks, special_tokens=specials)
@@ -73,7 +74,8 @@ class Task:
 
     def parse(self, completion):
         """The numbers of a well-formed completion `n1,n2,...<|endoftext|>` holding n_numbers numbers,
-        or None (empty, garbage, extra or missing numbers, or no EOS = truncated)."""
+        or None (empty, garbage, extra or missing numbers, or no EOS = truncated). The zero padding of
+        the worked solutions is not required: '306' reads like '0306'."""
         if not completion.endswith(EOS):
             return None
         numbers = completion[: -len(EOS)].split(",")
@@ -102,7 +104,7 @@ class Task:
 
 
 class Addition(Task):
-    """n-digit addition: '041+265=' -> '0306'. The sum is zero-padded to digits+1."""
+    """n-digit addition: '041+265=' -> '0306'. The sum is zero-padded to digits+1; one number (n_numbers = 1)."""
 
     def __init__(self, digits=3):
         if digits < 1:

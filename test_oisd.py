@@ -472,10 +472,11 @@ def run_cli(*args):
                                  "--precision=fp8", "--device=tpu", "--compile=maybe", "--rl_lr", "extra",
                                  # an arm suffix must mean something
                                  "--arms=grpo,sft_more:2", "--arms=grpo:2", "--arms=grpo,grpo", "--arms=oisd:",
-                                 "--arms=oisd:x", "--arms=oisd:1+1", "--align_layers=1,1", "--align_layers=a"])
+                                 "--arms=oisd:x", "--arms=oisd:1+1", "--align_layers=1,1", "--align_layers=a",
+                                 "--preset gpu"])  # the preset picks the defaults, so it must be written --preset=gpu
 def test_cli_rejects_bad_values_with_status_2(arg):
     with pytest.raises(SystemExit) as e:
-        oisd.main([arg])
+        oisd.main(arg.split(" "))
     assert e.value.code == 2
 
 
@@ -874,10 +875,11 @@ def test_minimum_detectable_effect_has_80_percent_power():
 
 
 @pytest.mark.parametrize("arg", ["--seeds=0,x", "--seeds=1,1", "--seeds=-1", "--avg_k=0", "--probe_lr=nan",
-                                 "--spec_layers=4", "--spec_layers=a", "--report=/nonexistent"])
+                                 "--spec_layers=4", "--spec_layers=a", "--report=/nonexistent", "--spec_problems=1",
+                                 "--speculative --eval_size=50 --spec_problems=60"])
 def test_experiment_flags_are_checked(arg):
     with pytest.raises(SystemExit) as e:
-        experiments.main([arg])
+        experiments.main(arg.split(" "))
     assert e.value.code == 2
 
 
@@ -1051,3 +1053,14 @@ def test_measure_cache_is_tied_to_the_model_it_measured(tmp_path, capsys):
     assert "measured grpo" not in capsys.readouterr().out  # the same model: the cache is reused
     experiments.main(grid + ["--rl_steps=4", "--resume"])
     assert "measured grpo" in capsys.readouterr().out  # the model changed: measured again
+
+
+def test_speculative_refuses_an_unfinished_arm(tmp_path):
+    """--speculative measures trained arms only: a checkpoint that stopped before rl_steps exits 2, one line."""
+    grid = [f"--out_dir={tmp_path}", "--arms=grpo", "--digits=2", "--sft_max_steps=4", "--sft_eval_every=2",
+            "--eval_size=8", "--eval_every=2", "--prompts_per_step=4", "--group_size=4", "--n_layer=2",
+            "--align_layers=1", "--probe_steps=2", "--avg_k=2", "--probe_batches=1", "--seeds=0"]
+    experiments.main(grid + ["--rl_steps=2"])
+    with pytest.raises(SystemExit) as e:
+        experiments.main(grid + ["--rl_steps=4", "--speculative", "--spec_problems=2", "--spec_max_draft=1"])
+    assert e.value.code == 2
