@@ -322,7 +322,8 @@ def final_table(summary, k):
 
 
 def exit_table(summary, shown):
-    """Per arm and shown exit layer: accuracy and greedy acceptance rate, each as trained / lens / probe."""
+    """Per arm and shown exit layer: held-out accuracy and top-1 agreement with the final layer, each as
+    trained / lens / probe."""
     lines = ["| arm | " + " | ".join(f"exit L{l} accuracy | agree L{l}" for l in shown) + " |",
              "|---|" + "---|---|" * len(shown)]
     for row, s in summary.items():

@@ -382,7 +382,8 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_
     logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the policy that
     sampled them (the sampler and the training forward compute the same function, so the ratio is 1 at
     the first of num_iterations updates and the clip acts only on later ones; with num_iterations = 1 the
-    gradient is the plain policy gradient of -A * logp, though the value is -A); advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
+    gradient is the plain policy gradient of -A * logp, though the value is -A); advantages: (N,), one
+    per rollout, shared by its tokens; mask: (N, R) response mask.
     Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, where
     k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled from the
     current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be
