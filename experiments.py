@@ -264,6 +264,14 @@ def seeds_needed(sd, effect, most=1000):
     return next((n for n in range(2, most + 1) if min_detectable_effect(sd, n) <= effect), None)
 
 
+def paired_interval(diff):
+    """diff: (n,) paired differences, n >= 2 -> (mean, lower, upper, sd): the 95% t-interval of the mean,
+    and the sample standard deviation of the differences."""
+    sd, n = float(np.std(diff, ddof=1)), len(diff)
+    half = t_quantile(T975, n - 1, 1.960) * sd / math.sqrt(n)
+    return float(np.mean(diff)), float(np.mean(diff)) - half, float(np.mean(diff)) + half, sd
+
+
 # The paper's reported gain, relative: OISD 64.75 against GRPO 55.08 average accuracy (Qwen3-4B, Avg@K).
 PAPER_RELATIVE_GAIN = 64.75 / 55.08 - 1
 
@@ -283,13 +291,11 @@ def summarize(per_seed, n_layer):
             summary[f"{name}_mean"], summary[f"{name}_std"] = values.mean(), values.std(ddof=1) if len(seeds) > 1 else 0.0
             if "grpo" in per_seed[seeds[0]] and row != "grpo" and len(seeds) > 1:
                 grpo = np.array([per_seed[s]["grpo"][key] for s in seeds])
-                diff = values - grpo
-                sd, n = diff.std(ddof=1), len(diff)
-                half = t_quantile(T975, n - 1, 1.960) * sd / math.sqrt(n)
+                mean, lo, hi, sd = paired_interval(values - grpo)
                 paper = PAPER_RELATIVE_GAIN * grpo.mean()
-                summary.update({f"{name}_diff": diff.mean(), f"{name}_lo": diff.mean() - half,
-                                f"{name}_hi": diff.mean() + half, f"{name}_mde": min_detectable_effect(sd, n),
-                                f"{name}_paper_effect": paper, f"{name}_seeds_needed": seeds_needed(sd, paper) or math.nan})
+                summary.update({f"{name}_diff": mean, f"{name}_lo": lo, f"{name}_hi": hi,
+                                f"{name}_mde": min_detectable_effect(sd, len(seeds)), f"{name}_paper_effect": paper,
+                                f"{name}_seeds_needed": seeds_needed(sd, paper) or math.nan})
         for key in evals[0]:
             summary[key] = float(np.mean([e.get(key, np.nan) for e in evals]))
         out[row] = {k: float(v) for k, v in summary.items()}
@@ -592,41 +598,35 @@ def spec_layers(cfg):
 
 def run_speculative(cfg):
     """For every seed and arm of a finished grid in out_dir (greedy, batch 1): each exit layer in
-    spec_layers as the drafter, as trained and after the post-hoc probe, with draft lengths
-    1..spec_max_draft on spec_problems held-out problems. The draft length is chosen on the first half of
-    the problems and the speed-up over plain KV-cache decoding is measured on the second half (no
-    winner's curse); the acceptance rate and the speed-up per draft length (by_k) are over all the
-    problems; beside them, the speed-up predicted by the per-token acceptance rate and the measured
-    per-pass costs (predicted_speedup). Writes speculative.md and speculative.json in out_dir."""
+    spec_layers as the drafter, as trained and after the post-hoc probe (measure_drafter). Measurements
+    are cached per seed and arm in out_dir/seed<s>/spec-<arm>.json under the settings they depend on and
+    the digest of the model's weights, so seeds can be timed in separate processes and collected by one
+    command over all of them. Writes speculative.md and speculative.json in out_dir."""
     results = []
     for seed, env in seed_envs(cfg).items():
-        problems = env.test[: cfg.spec_problems]
-        half = len(problems) // 2
         for arm in cfg.arms.split(","):
             model = trained_model(env, arm)
-            drafters = {"as trained": model, "probe": probe_exits(env, model, cfg.probe_steps, cfg.probe_lr,
-                                                                  cfg.probe_batches)}
-            for drafter, m in drafters.items():
-                for layer in spec_layers(cfg):
-                    rows = time_speculative(env, m, problems, layer, cfg.spec_max_draft)
-                    k = max(rows, key=lambda k: sum(rows[k]["plain"][:half]) / sum(rows[k]["spec"][:half]))
-                    r = rows[k]
-                    a = r["accepted"] / max(r["checked"], 1)
-                    tokens = round(r["tokens"] / len(problems))
-                    costs = pass_costs(env, m, env.prompts(problems[:1]), layer, k)
-                    x = dict(seed=seed, arm=arm, drafter=drafter, layer=layer, k=k, acceptance=a,
-                             tokens_per_pass=r["tokens"] / r["passes"], passes_per_token=r["passes"] / r["tokens"],
-                             ms_per_problem=1e3 * float(np.mean(r["spec"][half:])),
-                             plain_ms_per_problem=1e3 * float(np.mean(r["plain"][half:])),
-                             speedup=sum(r["plain"][half:]) / sum(r["spec"][half:]),
-                             predicted=predicted_speedup(a, k, tokens, costs), costs=costs,
-                             mismatches=sum(v["mismatches"] for v in rows.values()),
-                             by_k={j: sum(v["plain"]) / sum(v["spec"]) for j, v in rows.items()})
-                    results.append(x)
-                    print(f"seed {seed} {arm:>12} {drafter:>10} exit L{layer}: k {k}, acceptance {a:.1%}, "
-                          f"{x['tokens_per_pass']:.2f} tokens/pass, {x['ms_per_problem']:.2f} vs "
-                          f"{x['plain_ms_per_problem']:.2f} ms: {x['speedup']:.2f}x (predicted {x['predicted']:.2f}x), "
-                          f"{x['mismatches']} outputs differ from plain decoding")
+            key = dict(spec_problems=cfg.spec_problems, spec_max_draft=cfg.spec_max_draft, probe_steps=cfg.probe_steps,
+                       probe_lr=cfg.probe_lr, probe_batches=cfg.probe_batches, threads=torch.get_num_threads(),
+                       device=str(env.device), model=model_digest(model))
+            path = os.path.join(env.cfg.out_dir, f"spec-{arm.replace(' ', '_')}.json")
+            cached = json.load(open(path)) if os.path.exists(path) else {}
+            done = cached.get("measures", {}) if cached.get("key") == key else {}
+            wanted = [(d, l) for d in ("as trained", "probe") for l in spec_layers(cfg)]
+            if any(d == "probe" and f"{d} L{l}" not in done for d, l in wanted):
+                probed = probe_exits(env, model, cfg.probe_steps, cfg.probe_lr, cfg.probe_batches)
+            for drafter, layer in wanted:
+                if f"{drafter} L{layer}" not in done:
+                    done[f"{drafter} L{layer}"] = measure_drafter(env, model if drafter == "as trained" else probed, layer)
+                    with open(path + ".tmp", "w") as f:
+                        json.dump({"key": key, "measures": done}, f)
+                    os.replace(path + ".tmp", path)
+                x = dict(seed=seed, arm=arm, drafter=drafter, **done[f"{drafter} L{layer}"])
+                results.append(x)
+                print(f"seed {seed} {arm:>12} {drafter:>10} exit L{layer}: k {x['k']}, acceptance {x['acceptance']:.1%}, "
+                      f"{x['tokens_per_pass']:.2f} tokens/pass, {x['ms_per_problem']:.2f} vs "
+                      f"{x['plain_ms_per_problem']:.2f} ms: {x['speedup']:.2f}x (predicted {x['predicted']:.2f}x), "
+                      f"{x['mismatches']} outputs differ from plain decoding")
     text = speculative_table(results)
     print("\n" + text)
     with open(os.path.join(cfg.out_dir, "speculative.json"), "w") as f:
@@ -636,21 +636,56 @@ def run_speculative(cfg):
     print(f"saved {cfg.out_dir}/speculative.md and speculative.json")
 
 
+def measure_drafter(env, model, layer):
+    """The exit of `layer` as the drafter, draft lengths 1..spec_max_draft on spec_problems held-out
+    problems. The draft length is chosen on the first half of the problems and the speed-up over plain
+    KV-cache decoding is measured on the second half (no winner's curse); the acceptance rate and the
+    speed-up per draft length (by_k) are over all the problems; beside them, the speed-up predicted by
+    the per-token acceptance rate and the measured per-pass costs (predicted_speedup)."""
+    cfg = env.cfg
+    problems = env.test[: cfg.spec_problems]
+    half = len(problems) // 2
+    rows = time_speculative(env, model, problems, layer, cfg.spec_max_draft)
+    k = max(rows, key=lambda k: sum(rows[k]["plain"][:half]) / sum(rows[k]["spec"][:half]))
+    r = rows[k]
+    a = r["accepted"] / max(r["checked"], 1)
+    costs = pass_costs(env, model, env.prompts(problems[:1]), layer, k)
+    return dict(layer=layer, k=k, acceptance=a, tokens_per_pass=r["tokens"] / r["passes"],
+                passes_per_token=r["passes"] / r["tokens"], ms_per_problem=1e3 * float(np.mean(r["spec"][half:])),
+                plain_ms_per_problem=1e3 * float(np.mean(r["plain"][half:])),
+                speedup=sum(r["plain"][half:]) / sum(r["spec"][half:]),
+                predicted=predicted_speedup(a, k, round(r["tokens"] / len(problems)), costs), costs=costs,
+                mismatches=sum(v["mismatches"] for v in rows.values()),
+                by_k={j: sum(v["plain"]) / sum(v["spec"]) for j, v in rows.items()})
+
+
 def speculative_table(results):
-    """Means over seeds per (arm, drafter, exit layer) of the measurements at the chosen draft length."""
+    """Means over seeds per (arm, drafter, exit layer) of the measurements at the chosen draft length, the
+    speed-up's standard deviation over seeds, and, for every arm but grpo, the paired difference of its
+    speed-up and acceptance to grpo's with the same drafter and exit on the same seeds [95% t-interval]."""
     groups = {}
     for r in results:
-        groups.setdefault((r["arm"], r["drafter"], r["layer"]), []).append(r)
+        groups.setdefault((r["arm"], r["drafter"], r["layer"]), {})[r["seed"]] = r
     lines = ["| arm | drafter | exit | seeds | k | acceptance | tokens per full pass | full passes per token | "
-             "ms per problem | plain ms | speed-up | predicted | outputs differing |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (arm, drafter, layer), rs in groups.items():
+             "ms per problem | plain ms | speed-up ± sd | predicted | vs grpo: speed-up | vs grpo: acceptance "
+             "(points) | outputs differing |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (arm, drafter, layer), by_seed in groups.items():
+        rs = list(by_seed.values())
         m = {key: float(np.mean([r[key] for r in rs])) for key in ("k", "acceptance", "tokens_per_pass",
              "passes_per_token", "ms_per_problem", "plain_ms_per_problem", "speedup", "predicted")}
+        sd = float(np.std([r["speedup"] for r in rs], ddof=1)) if len(rs) > 1 else math.nan
+        grpo = groups.get(("grpo", drafter, layer), {})
+        paired = sorted(set(by_seed) & set(grpo))
+        vs = ["", ""]
+        if arm != "grpo" and len(paired) > 1:
+            for i, (key, scale, fmt) in enumerate((("speedup", 1, "{:+.2f}"), ("acceptance", 100, "{:+.1f}"))):
+                mean, lo, hi, _ = paired_interval(np.array([scale * (by_seed[s][key] - grpo[s][key]) for s in paired]))
+                vs[i] = f"{fmt.format(mean)} [{fmt.format(lo)}, {fmt.format(hi)}]"
         lines.append(f"| {arm} | {drafter} | L{layer} | {len(rs)} | {m['k']:.1f} | {100 * m['acceptance']:.1f}% | "
                      f"{m['tokens_per_pass']:.2f} | {m['passes_per_token']:.3f} | {m['ms_per_problem']:.2f} | "
-                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x | {m['predicted']:.2f}x | "
-                     f"{sum(r['mismatches'] for r in rs)} |")
+                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x ± {sd:.2f} | {m['predicted']:.2f}x | "
+                     f"{vs[0]} | {vs[1]} | {sum(r['mismatches'] for r in rs)} |")
     return "\n".join(lines)
 
 

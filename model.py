@@ -269,13 +269,14 @@ class GPT(nn.Module):
             raise ValueError(f"need 1 <= draft_layer < {L}, n_draft >= 1 and max_new_tokens >= 1, "
                              f"got {l}, {n_draft} and {max_new_tokens}")
 
-        def distribution(logits):  # (m, V) logits -> fp32 probabilities at the temperature (one-hot when greedy)
+        def choose(logits):  # (V,) logits -> a token and the fp32 probabilities it was drawn from (None if greedy)
             if temperature == 0:
-                return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-            return F.softmax(logits.float() / temperature, dim=-1)
+                return int(logits.argmax()), None
+            probs = F.softmax(logits.float() / temperature, dim=-1)
+            return draw(probs, generator), probs
 
         cache = KVCache()
-        out = [draw(distribution(self(idx, cache=cache)[0][0, -1:])[0], generator)]  # the prompt: a full pass
+        out = [choose(self(idx, cache=cache)[0][0, -1])[0]]  # the prompt: a full pass
         stats = dict(drafted=0, checked=0, accepted=0, passes=1)
         # invariant: the cache holds every position but the newest token's, out[-1]
         while len(out) < max_new_tokens and out[-1] != eos_id:
@@ -288,17 +289,24 @@ class GPT(nn.Module):
                 states.append(x)  # (1, 1, C): layer l at this position
                 if i == n:
                     break
-                draft_probs.append(distribution(self.exit_logits(x, l)[0, -1:])[0])
-                drafts.append(draw(draft_probs[-1], generator))
-                if drafts[-1] == eos_id:  # nothing follows EOS: no bonus position to verify
+                tok, probs = choose(self.exit_logits(x, l)[0, -1])
+                drafts.append(tok)
+                draft_probs.append(probs)
+                if tok == eos_id:  # nothing follows EOS: no bonus position to verify
                     break
-                tok = drafts[-1]
             start = cache.length(L)  # the position of out[-1]
             x = torch.cat(states, dim=1)  # (1, m, C), m = len(drafts) or len(drafts) + 1
             for layer in range(l + 1, L + 1):
                 x = self.block(layer)(x, cache)[0]
-            target = distribution(self.exit_logits(x, L)[0])  # (m, V): the full model at each position
-            n_ok, last = speculative_accept(target, torch.stack(draft_probs) if drafts else target[:0], drafts, generator)
+            logits = self.exit_logits(x, L)[0]  # (m, V): the full model at each position
+            if temperature == 0:  # speculative_accept on one-hot distributions, without building them: the
+                best = logits.argmax(-1).tolist()  # drafts the full model would have chosen, then its own token
+                n_ok = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
+                last = best[n_ok] if n_ok < len(best) else None
+            else:
+                target = F.softmax(logits.float() / temperature, dim=-1)
+                n_ok, last = speculative_accept(target, torch.stack(draft_probs) if drafts else target[:0], drafts,
+                                                generator)
             out += drafts[:n_ok] + ([] if last is None else [last])
             cache.truncate(start + 1 + n_ok)  # positions start..start+n_ok: the old newest token and the accepted
             # drafts; `last` (now out[-1]) is not in the cache, so the invariant holds again

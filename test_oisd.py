@@ -1043,6 +1043,23 @@ def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulati
         assert experiments.predicted_speedup(a, k, n, costs) == pytest.approx(simulated, rel=0.01), (a, k, n)
 
 
+def test_speculative_table_pairs_each_arm_with_grpo_on_the_same_seeds():
+    def row(seed, arm, speedup, acceptance):
+        return dict(seed=seed, arm=arm, drafter="as trained", layer=2, k=3, acceptance=acceptance, tokens_per_pass=2.0,
+                    passes_per_token=0.5, ms_per_problem=10.0, plain_ms_per_problem=12.0, speedup=speedup,
+                    predicted=1.2, mismatches=0)
+    grpo = [1.0, 1.2, 0.9]
+    oisd = [1.4, 1.5, 1.6]  # seed 3 of oisd has no grpo partner: left out of the pairing
+    results = ([row(s, "grpo", x, 0.5) for s, x in enumerate(grpo)]
+               + [row(s, "oisd", x, 0.8 + 0.01 * s) for s, x in enumerate(oisd)] + [row(3, "oisd", 9.0, 0.9)])
+    cells = experiments.speculative_table(results).splitlines()[3].split(" | ")
+    diff = np.array(oisd) - np.array(grpo)  # 0.4, 0.3, 0.7
+    half = 4.303 * diff.std(ddof=1) / np.sqrt(3)  # t_0.975 with 2 degrees of freedom
+    assert cells[12] == f"{diff.mean():+.2f} [{diff.mean() - half:+.2f}, {diff.mean() + half:+.2f}]"
+    assert cells[13].startswith("+31.0 [")  # acceptance: 30, 31, 32 points
+    assert cells[3] == "4" and cells[10] == f"{np.mean(oisd + [9.0]):.2f}x ± {np.std(oisd + [9.0], ddof=1):.2f}"
+
+
 def test_measure_cache_is_tied_to_the_model_it_measured(tmp_path, capsys):
     grid = [f"--out_dir={tmp_path}", "--arms=grpo", "--digits=2", "--sft_max_steps=4", "--sft_eval_every=2",
             "--eval_size=8", "--eval_every=2", "--prompts_per_step=4", "--group_size=4", "--n_layer=2",
@@ -1053,6 +1070,24 @@ def test_measure_cache_is_tied_to_the_model_it_measured(tmp_path, capsys):
     assert "measured grpo" not in capsys.readouterr().out  # the same model: the cache is reused
     experiments.main(grid + ["--rl_steps=4", "--resume"])
     assert "measured grpo" in capsys.readouterr().out  # the model changed: measured again
+
+
+def test_speculative_measurements_are_cached_per_seed_and_collected(tmp_path, capsys, monkeypatch):
+    grid = [f"--out_dir={tmp_path}", "--arms=grpo", "--digits=2", "--sft_max_steps=4", "--sft_eval_every=2",
+            "--eval_size=8", "--eval_every=2", "--prompts_per_step=4", "--group_size=4", "--n_layer=2",
+            "--align_layers=1", "--probe_steps=2", "--avg_k=2", "--probe_batches=1", "--rl_steps=2"]
+    spec = ["--speculative", "--spec_problems=2", "--spec_max_draft=1", "--spec_layers=1"]
+    experiments.main(grid + ["--seeds=0,1"])
+    experiments.main(grid + spec + ["--seeds=0"])
+    experiments.main(grid + spec + ["--seeds=1"])
+    capsys.readouterr()
+    timed = []
+    monkeypatch.setattr(experiments, "time_speculative", lambda *a: timed.append(a) or pytest.fail("re-timed"))
+    experiments.main(grid + spec + ["--seeds=0,1"])  # both seeds from their caches, one table
+    out = capsys.readouterr().out
+    assert not timed and "| grpo | as trained | L1 | 2 |" in out and "| grpo | probe | L1 | 2 |" in out
+    saved = json.load(open(tmp_path / "speculative.json"))
+    assert sorted((r["seed"], r["drafter"]) for r in saved) == [(0, "as trained"), (0, "probe"), (1, "as trained"), (1, "probe")]
 
 
 def test_speculative_refuses_an_unfinished_arm(tmp_path):
