@@ -15,6 +15,7 @@ are skipped.
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -520,7 +521,8 @@ def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=30):
     """Measured seconds (medians over `repeats`) of the pieces of decoding one sequence at batch 1, with a
     cache as long as the prompt: the prompt's pass (prefill), a plain decode step (every block and the head
     on one token), a draft step (blocks 1..l and the exit head on one token) and a verification (blocks
-    l+1..L and the head on m positions, m = 1..max_draft+1). Returns {prefill, full, draft, verify: {m: s}}."""
+    l+1..L and the head on m positions, m = 1..max_draft+1). Returns {prefill, full, draft, verify: [s for m =
+    1..max_draft+1]} (a list, so that it survives a JSON round-trip unchanged)."""
     L, l, dev = model.config.n_layer, draft_layer, env.device
 
     def timed(fn):
@@ -546,7 +548,7 @@ def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=30):
         model.exit_logits(x, L)
 
     return {"prefill": timed(lambda cache: model(prompt, cache=KVCache())), "full": timed(lambda cache: model(prompt[:, -1:], cache=cache)),
-            "draft": timed(draft), "verify": {m: timed(lambda cache: verify(cache, m)) for m in range(1, max_draft + 2)}}
+            "draft": timed(draft), "verify": [timed(lambda cache: verify(cache, m)) for m in range(1, max_draft + 2)]}
 
 
 def predicted_speedup(a, k, new_tokens, costs):
@@ -561,19 +563,31 @@ def predicted_speedup(a, k, new_tokens, costs):
     for left in range(1, new_tokens):
         n = min(k, left - 1)
         keep = [a**j * (1 - a) for j in range(n)] + [a**n]
-        expected[left] = ((n + 1) * costs["draft"] + costs["verify"][n + 1]
+        expected[left] = ((n + 1) * costs["draft"] + costs["verify"][n]
                           + sum(p * expected[left - j - 1] for j, p in enumerate(keep)))
     plain = costs["prefill"] + (new_tokens - 1) * costs["full"]
     return plain / (costs["prefill"] + expected[new_tokens - 1])
 
 
 @torch.inference_mode()
+def greedy_decode(model, idx, max_new_tokens, eos_id):
+    """Plain greedy KV-cache decoding of one sequence and nothing else (no log-probabilities, tokens kept as
+    Python ints as speculative_generate keeps them): the baseline the speculative timing divides by.
+    idx: (1, P). Returns tokens (1, P+R), EOS included."""
+    cache = KVCache()
+    out = [int(model(idx, cache=cache)[0][0, -1].argmax())]
+    while len(out) < max_new_tokens and out[-1] != eos_id:
+        out.append(int(model(idx.new_tensor([[out[-1]]]), cache=cache)[0][0, -1].argmax()))
+    return torch.cat([idx, idx.new_tensor([out])], dim=1)
+
+
+@torch.inference_mode()
 def time_speculative(env, model, problems, layer, max_draft):
-    """Greedy decoding of each problem at batch 1, plain (KV-cache generate) and self-speculative with the
-    exit of `layer` drafting k = 1..max_draft tokens, each pair timed back to back, in alternating order
-    from problem to problem, so both see the same machine load. Counts outputs that differ from plain
-    decoding (there should be none). Returns {k: {plain, spec (per-problem seconds), drafted, checked,
-    accepted, passes, tokens, mismatches}}."""
+    """Greedy decoding of each problem at batch 1, plain (greedy_decode) and self-speculative with the exit
+    of `layer` drafting k = 1..max_draft tokens, each pair timed back to back, in alternating order from
+    problem to problem, so both see the same machine load. Counts outputs that differ from plain decoding
+    (there should be none). Returns {k: {plain, spec (per-problem seconds), drafted, checked, accepted,
+    passes, tokens, mismatches}}."""
     rows = {k: dict(plain=[], spec=[], drafted=0, checked=0, accepted=0, passes=0, tokens=0, mismatches=0)
             for k in range(1, max_draft + 1)}
     for i, (prompt, _) in enumerate(problems):
@@ -582,7 +596,7 @@ def time_speculative(env, model, problems, layer, max_draft):
             for which in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
                 t0 = now(env.device)
                 if which == "plain":
-                    plain, _ = model.generate(idx, env.max_new, temperature=0, eos_id=env.eos_id)
+                    plain = greedy_decode(model, idx, env.max_new, env.eos_id)
                 else:
                     out, stats = model.speculative_generate(idx, env.max_new, layer, k, eos_id=env.eos_id)
                 row[which].append(now(env.device) - t0)
@@ -596,31 +610,55 @@ def spec_layers(cfg):
     return [int(x) for x in cfg.spec_layers.split(",")] if cfg.spec_layers else list(range(1, cfg.n_layer))
 
 
+def speculative_code_digest():
+    """A digest of the source of everything a speculative measurement depends on, so that cached
+    measurements are redone after any change to the model, decoding, timing or probe code."""
+    parts = (sys.modules[GPT.__module__], greedy_decode, time_speculative, pass_costs, predicted_speedup,
+             measure_drafter, probe_exits)  # all of model.py, and the measuring code here
+    return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:16]
+
+
+def read_spec_cache(path):
+    """The cached {key, measures} of one seed and arm, or {} if there is none; a corrupt file is one line."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        refuse(f"cannot read the cached speculative measurements {path} ({type(e).__name__}); delete it to re-measure")
+
+
 def run_speculative(cfg):
     """For every seed and arm of a finished grid in out_dir (greedy, batch 1): each exit layer in
     spec_layers as the drafter, as trained and after the post-hoc probe (measure_drafter). Measurements
-    are cached per seed and arm in out_dir/seed<s>/spec-<arm>.json under the settings they depend on and
-    the digest of the model's weights, so seeds can be timed in separate processes and collected by one
-    command over all of them. Writes speculative.md and speculative.json in out_dir."""
-    results = []
+    are cached per seed and arm in out_dir/seed<s>/spec-<arm>.json under everything they depend on (the
+    settings, the torch version, the thread count, the code's digest and the model's weights), so seeds
+    can be timed in separate processes and collected by one command over all of them. Writes
+    speculative.md and speculative.json in out_dir."""
+    results, code = [], speculative_code_digest()
     for seed, env in seed_envs(cfg).items():
         for arm in cfg.arms.split(","):
             model = trained_model(env, arm)
-            key = dict(spec_problems=cfg.spec_problems, spec_max_draft=cfg.spec_max_draft, probe_steps=cfg.probe_steps,
-                       probe_lr=cfg.probe_lr, probe_batches=cfg.probe_batches, threads=torch.get_num_threads(),
-                       device=str(env.device), model=model_digest(model))
-            path = os.path.join(env.cfg.out_dir, f"spec-{arm.replace(' ', '_')}.json")
-            cached = json.load(open(path)) if os.path.exists(path) else {}
+            c = env.cfg
+            key = dict(task=c.task, digits=c.digits, terms=c.terms, max_new=env.max_new, temperature=c.temperature,
+                       prompts_per_step=c.prompts_per_step, group_size=c.group_size, spec_problems=c.spec_problems,
+                       spec_max_draft=c.spec_max_draft, probe_steps=c.probe_steps, probe_lr=c.probe_lr,
+                       probe_batches=c.probe_batches, threads=torch.get_num_threads(), device=str(env.device),
+                       torch=torch.__version__, code=code, model=model_digest(model))
+            path = os.path.join(c.out_dir, f"spec-{arm.replace(' ', '_')}.json")
+            cached = read_spec_cache(path)
             done = cached.get("measures", {}) if cached.get("key") == key else {}
             wanted = [(d, l) for d in ("as trained", "probe") for l in spec_layers(cfg)]
             if any(d == "probe" and f"{d} L{l}" not in done for d, l in wanted):
-                probed = probe_exits(env, model, cfg.probe_steps, cfg.probe_lr, cfg.probe_batches)
+                probed = probe_exits(env, model, c.probe_steps, c.probe_lr, c.probe_batches)
             for drafter, layer in wanted:
                 if f"{drafter} L{layer}" not in done:
                     done[f"{drafter} L{layer}"] = measure_drafter(env, model if drafter == "as trained" else probed, layer)
-                    with open(path + ".tmp", "w") as f:
+                    tmp = f"{path}.{os.getpid()}.tmp"
+                    with open(tmp, "w") as f:
                         json.dump({"key": key, "measures": done}, f)
-                    os.replace(path + ".tmp", path)
+                    os.replace(tmp, path)
                 x = dict(seed=seed, arm=arm, drafter=drafter, **done[f"{drafter} L{layer}"])
                 results.append(x)
                 print(f"seed {seed} {arm:>12} {drafter:>10} exit L{layer}: k {x['k']}, acceptance {x['acceptance']:.1%}, "
@@ -639,9 +677,11 @@ def run_speculative(cfg):
 def measure_drafter(env, model, layer):
     """The exit of `layer` as the drafter, draft lengths 1..spec_max_draft on spec_problems held-out
     problems. The draft length is chosen on the first half of the problems and the speed-up over plain
-    KV-cache decoding is measured on the second half (no winner's curse); the acceptance rate and the
-    speed-up per draft length (by_k) are over all the problems; beside them, the speed-up predicted by
-    the per-token acceptance rate and the measured per-pass costs (predicted_speedup)."""
+    greedy decoding is measured on the second half (no winner's curse); the acceptance rate at that k is
+    over all the problems, and so is acceptance_all_k, pooled over every draft length (the same design
+    for every model, so comparable across arms whatever k each chose); by_k lists, per draft length,
+    the speed-up and acceptance over all the problems; beside them, the speed-up predicted by the
+    per-token acceptance rate and the measured per-pass costs (predicted_speedup)."""
     cfg = env.cfg
     problems = env.test[: cfg.spec_problems]
     half = len(problems) // 2
@@ -655,36 +695,41 @@ def measure_drafter(env, model, layer):
                 plain_ms_per_problem=1e3 * float(np.mean(r["plain"][half:])),
                 speedup=sum(r["plain"][half:]) / sum(r["spec"][half:]),
                 predicted=predicted_speedup(a, k, round(r["tokens"] / len(problems)), costs), costs=costs,
+                acceptance_all_k=sum(v["accepted"] for v in rows.values()) / max(sum(v["checked"] for v in rows.values()), 1),
                 mismatches=sum(v["mismatches"] for v in rows.values()),
-                by_k={j: sum(v["plain"]) / sum(v["spec"]) for j, v in rows.items()})
+                by_k=[dict(k=j, speedup=sum(v["plain"]) / sum(v["spec"]), acceptance=v["accepted"] / max(v["checked"], 1))
+                      for j, v in rows.items()])
 
 
 def speculative_table(results):
     """Means over seeds per (arm, drafter, exit layer) of the measurements at the chosen draft length, the
-    speed-up's standard deviation over seeds, and, for every arm but grpo, the paired difference of its
-    speed-up and acceptance to grpo's with the same drafter and exit on the same seeds [95% t-interval]."""
+    speed-up's standard deviation over seeds (blank with one seed), and, for every arm but grpo, the paired
+    difference to grpo with the same drafter and exit on the same seeds [95% t-interval] (n pairs) of the
+    speed-up and of the acceptance pooled over all draft lengths (acceptance_all_k: the same design for
+    both arms, whatever k each chose)."""
     groups = {}
     for r in results:
         groups.setdefault((r["arm"], r["drafter"], r["layer"]), {})[r["seed"]] = r
     lines = ["| arm | drafter | exit | seeds | k | acceptance | tokens per full pass | full passes per token | "
-             "ms per problem | plain ms | speed-up ± sd | predicted | vs grpo: speed-up | vs grpo: acceptance "
-             "(points) | outputs differing |",
+             "ms per problem | plain ms | speed-up ± sd | predicted | vs grpo: speed-up (pairs) | vs grpo: acceptance "
+             "over all k, points | outputs differing |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (arm, drafter, layer), by_seed in groups.items():
         rs = list(by_seed.values())
         m = {key: float(np.mean([r[key] for r in rs])) for key in ("k", "acceptance", "tokens_per_pass",
              "passes_per_token", "ms_per_problem", "plain_ms_per_problem", "speedup", "predicted")}
-        sd = float(np.std([r["speedup"] for r in rs], ddof=1)) if len(rs) > 1 else math.nan
+        sd = f" ± {np.std([r['speedup'] for r in rs], ddof=1):.2f}" if len(rs) > 1 else ""
         grpo = groups.get(("grpo", drafter, layer), {})
         paired = sorted(set(by_seed) & set(grpo))
         vs = ["", ""]
         if arm != "grpo" and len(paired) > 1:
-            for i, (key, scale, fmt) in enumerate((("speedup", 1, "{:+.2f}"), ("acceptance", 100, "{:+.1f}"))):
+            for i, (key, scale, fmt) in enumerate((("speedup", 1, "{:+.2f}"), ("acceptance_all_k", 100, "{:+.1f}"))):
                 mean, lo, hi, _ = paired_interval(np.array([scale * (by_seed[s][key] - grpo[s][key]) for s in paired]))
                 vs[i] = f"{fmt.format(mean)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+            vs[0] += f" ({len(paired)})"
         lines.append(f"| {arm} | {drafter} | L{layer} | {len(rs)} | {m['k']:.1f} | {100 * m['acceptance']:.1f}% | "
                      f"{m['tokens_per_pass']:.2f} | {m['passes_per_token']:.3f} | {m['ms_per_problem']:.2f} | "
-                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x ± {sd:.2f} | {m['predicted']:.2f}x | "
+                     f"{m['plain_ms_per_problem']:.2f} | {m['speedup']:.2f}x{sd} | {m['predicted']:.2f}x | "
                      f"{vs[0]} | {vs[1]} | {sum(r['mismatches'] for r in rs)} |")
     return "\n".join(lines)
 

@@ -1025,7 +1025,7 @@ def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulati
     _, stats = model.speculative_generate(idx, 14, 2, 6)
     assert stats["accepted"] <= stats["checked"] <= stats["drafted"] and stats["passes"] >= 2
     # the prediction's bookkeeping against a plain Monte-Carlo simulation of the same process
-    costs = {"prefill": 5.0, "full": 2.0, "draft": 0.5, "verify": {m: 1.5 + 0.1 * m for m in range(1, 6)}}
+    costs = {"prefill": 5.0, "full": 2.0, "draft": 0.5, "verify": [1.5 + 0.1 * m for m in range(1, 6)]}
     rng = np.random.default_rng(0)
     for a, k, n in [(0.9, 4, 10), (0.5, 2, 5), (1.0, 3, 7)]:
         total = 0.0
@@ -1036,7 +1036,7 @@ def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulati
                 accepted = 0
                 while accepted < drafts and rng.random() < a:
                     accepted += 1
-                seconds += (drafts + 1) * costs["draft"] + costs["verify"][drafts + 1]
+                seconds += (drafts + 1) * costs["draft"] + (1.5 + 0.1 * (drafts + 1))
                 left -= accepted + 1
             total += seconds
         simulated = (costs["prefill"] + (n - 1) * costs["full"]) / (total / 20000)
@@ -1045,19 +1045,34 @@ def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulati
 
 def test_speculative_table_pairs_each_arm_with_grpo_on_the_same_seeds():
     def row(seed, arm, speedup, acceptance):
-        return dict(seed=seed, arm=arm, drafter="as trained", layer=2, k=3, acceptance=acceptance, tokens_per_pass=2.0,
-                    passes_per_token=0.5, ms_per_problem=10.0, plain_ms_per_problem=12.0, speedup=speedup,
-                    predicted=1.2, mismatches=0)
+        return dict(seed=seed, arm=arm, drafter="as trained", layer=2, k=3, acceptance=0.0, acceptance_all_k=acceptance,
+                    tokens_per_pass=2.0, passes_per_token=0.5, ms_per_problem=10.0, plain_ms_per_problem=12.0,
+                    speedup=speedup, predicted=1.2, mismatches=0)
     grpo = [1.0, 1.2, 0.9]
     oisd = [1.4, 1.5, 1.6]  # seed 3 of oisd has no grpo partner: left out of the pairing
-    results = ([row(s, "grpo", x, 0.5) for s, x in enumerate(grpo)]
-               + [row(s, "oisd", x, 0.8 + 0.01 * s) for s, x in enumerate(oisd)] + [row(3, "oisd", 9.0, 0.9)])
-    cells = experiments.speculative_table(results).splitlines()[3].split(" | ")
+    # rows in an order a positional pairing would get wrong: the unpaired seed first, grpo's seeds reversed
+    results = ([row(3, "oisd", 9.0, 0.9)] + [row(s, "grpo", x, 0.5) for s, x in reversed(list(enumerate(grpo)))]
+               + [row(s, "oisd", x, 0.8 + 0.01 * s) for s, x in enumerate(oisd)])
+    lines = experiments.speculative_table(results).splitlines()
+    grpo_cells, cells = lines[3].split(" | "), lines[2].split(" | ")
+    assert cells[0] == "| oisd" and grpo_cells[0] == "| grpo"
     diff = np.array(oisd) - np.array(grpo)  # 0.4, 0.3, 0.7
     half = 4.303 * diff.std(ddof=1) / np.sqrt(3)  # t_0.975 with 2 degrees of freedom
-    assert cells[12] == f"{diff.mean():+.2f} [{diff.mean() - half:+.2f}, {diff.mean() + half:+.2f}]"
-    assert cells[13].startswith("+31.0 [")  # acceptance: 30, 31, 32 points
+    assert cells[12] == f"{diff.mean():+.2f} [{diff.mean() - half:+.2f}, {diff.mean() + half:+.2f}] (3)"
+    assert cells[13].startswith("+31.0 [")  # acceptance over all k: 30, 31, 32 points
     assert cells[3] == "4" and cells[10] == f"{np.mean(oisd + [9.0]):.2f}x ± {np.std(oisd + [9.0], ddof=1):.2f}"
+    assert grpo_cells[12] == "" and grpo_cells[10] == f"{np.mean(grpo):.2f}x ± {np.std(grpo, ddof=1):.2f}"
+    one = experiments.speculative_table([row(0, "grpo", 1.1, 0.5)]).splitlines()[2].split(" | ")
+    assert one[10] == "1.10x"  # one seed: no spread to show, and no "nan"
+
+
+def test_greedy_decode_matches_the_sampler_at_temperature_0():
+    model = disagreeing_model(1)
+    for seed in range(4):
+        idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(seed))
+        for max_new, eos in [(9, None), (9, 3), (1, 3)]:
+            plain, _ = model.generate(idx, max_new, temperature=0, eos_id=eos)
+            assert torch.equal(experiments.greedy_decode(model, idx, max_new, eos), plain)
 
 
 def test_measure_cache_is_tied_to_the_model_it_measured(tmp_path, capsys):
@@ -1080,14 +1095,29 @@ def test_speculative_measurements_are_cached_per_seed_and_collected(tmp_path, ca
     experiments.main(grid + ["--seeds=0,1"])
     experiments.main(grid + spec + ["--seeds=0"])
     experiments.main(grid + spec + ["--seeds=1"])
+    first = json.load(open(tmp_path / "speculative.json"))
     capsys.readouterr()
-    timed = []
-    monkeypatch.setattr(experiments, "time_speculative", lambda *a: timed.append(a) or pytest.fail("re-timed"))
+    real, timed = GPT.speculative_generate, set()
+    monkeypatch.setattr(GPT, "speculative_generate", lambda *a, **k: pytest.fail("re-timed"))
     experiments.main(grid + spec + ["--seeds=0,1"])  # both seeds from their caches, one table
     out = capsys.readouterr().out
     assert not timed and "| grpo | as trained | L1 | 2 |" in out and "| grpo | probe | L1 | 2 |" in out
     saved = json.load(open(tmp_path / "speculative.json"))
     assert sorted((r["seed"], r["drafter"]) for r in saved) == [(0, "as trained"), (0, "probe"), (1, "as trained"), (1, "probe")]
+    assert saved[-2:] == first  # seed 1's values as measured, through the JSON round-trip
+    assert [b["k"] for b in saved[0]["by_k"]] == [1] and len(saved[0]["costs"]["verify"]) == 2
+    # any setting the measurement depends on re-times it
+    def recording(model, idx, max_new, layer, k, **kw):
+        timed.add((max_new, layer, k))
+        return real(model, idx, max_new, layer, k, **kw)
+    monkeypatch.setattr(GPT, "speculative_generate", recording)
+    experiments.main(grid + spec + ["--seeds=0", "--max_new_tokens=5"])
+    experiments.main(grid + spec[:2] + ["--spec_max_draft=2", "--spec_layers=1", "--seeds=0"])
+    assert timed == {(5, 1, 1), (6, 1, 1), (6, 1, 2)}, timed  # (max_new, exit, k): both changes re-timed
+    (tmp_path / "seed0" / "spec-grpo.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        experiments.main(grid + spec + ["--seeds=0"])
+    assert e.value.code == 2 and "delete it" in capsys.readouterr().err
 
 
 def test_speculative_refuses_an_unfinished_arm(tmp_path):
