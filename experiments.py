@@ -517,38 +517,43 @@ def bench(env):
 # Self-speculative decoding: each arm's exits as drafters
 
 @torch.inference_mode()
-def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=30):
+def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=60):
     """Measured seconds (medians over `repeats`) of the pieces of decoding one sequence at batch 1, with a
     cache as long as the prompt: the prompt's pass (prefill), a plain decode step (every block and the head
-    on one token), a draft step (blocks 1..l and the exit head on one token) and a verification (blocks
-    l+1..L and the head on m positions, m = 1..max_draft+1). Returns {prefill, full, draft, verify: [s for m =
-    1..max_draft+1]} (a list, so that it survives a JSON round-trip unchanged)."""
+    on one token, and the argmax read back as greedy_decode does), a draft step (blocks 1..l, the exit head
+    and its argmax) and a verification (blocks l+1..L, the head and the argmaxes on m positions, m =
+    1..max_draft+1). The pieces take turns within each repeat, so that all of them see the same machine
+    load. Returns {prefill, full, draft, verify: [s for m = 1..max_draft+1]} (a list, so that it survives
+    a JSON round-trip unchanged)."""
     L, l, dev = model.config.n_layer, draft_layer, env.device
+    last = prompt[:, -1:]
 
-    def timed(fn):
-        times = []
-        for _ in range(repeats):
+    def draft(cache):
+        x = model.embed(last, cache.length())
+        for layer in range(1, l + 1):
+            x = model.block(layer)(x, cache)[0]
+        int(model.exit_logits(x, l)[0, -1].argmax())
+
+    def verify(cache, m):
+        x = model.embed(last, cache.length()).repeat(1, m, 1)  # (1, m, C): m positions' layer-l states
+        for layer in range(l + 1, L + 1):
+            x = model.block(layer)(x, cache)[0]
+        model.exit_logits(x, L)[0].argmax(-1).tolist()
+
+    pieces = {"prefill": lambda cache: int(model(prompt, cache=KVCache())[0][0, -1].argmax()),
+              "full": lambda cache: int(model(last, cache=cache)[0][0, -1].argmax()), "draft": draft}
+    pieces.update({m: (lambda cache, m=m: verify(cache, m)) for m in range(1, max_draft + 2)})
+    times = {name: [] for name in pieces}
+    for _ in range(repeats):
+        for name, fn in pieces.items():
             cache = KVCache()
             model(prompt[:, :-1], cache=cache)
             t0 = now(dev)
             fn(cache)
-            times.append(now(dev) - t0)
-        return float(np.median(times))
-
-    def draft(cache):
-        x = model.embed(prompt[:, -1:], cache.length())
-        for layer in range(1, l + 1):
-            x = model.block(layer)(x, cache)[0]
-        model.exit_logits(x, l)
-
-    def verify(cache, m):
-        x = model.embed(prompt[:, -1:], cache.length()).repeat(1, m, 1)  # (1, m, C): m positions' layer-l states
-        for layer in range(l + 1, L + 1):
-            x = model.block(layer)(x, cache)[0]
-        model.exit_logits(x, L)
-
-    return {"prefill": timed(lambda cache: model(prompt, cache=KVCache())), "full": timed(lambda cache: model(prompt[:, -1:], cache=cache)),
-            "draft": timed(draft), "verify": [timed(lambda cache: verify(cache, m)) for m in range(1, max_draft + 2)]}
+            times[name].append(now(dev) - t0)
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    return {"prefill": med["prefill"], "full": med["full"], "draft": med["draft"],
+            "verify": [med[m] for m in range(1, max_draft + 2)]}
 
 
 def predicted_speedup(a, k, new_tokens, costs):
