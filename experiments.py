@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -540,9 +541,9 @@ def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=60):
             x = model.block(layer)(x, cache)[0]
         model.exit_logits(x, L)[0].argmax(-1).tolist()
 
-    pieces = {"prefill": lambda cache: int(model(prompt, cache=KVCache())[0][0, -1].argmax()),
+    pieces = {"prefill": lambda cache: int(model(prompt, cache=KVCache())[0][0, -1].argmax()),  # its own cache
               "full": lambda cache: int(model(last, cache=cache)[0][0, -1].argmax()), "draft": draft}
-    pieces.update({m: (lambda cache, m=m: verify(cache, m)) for m in range(1, max_draft + 2)})
+    pieces.update({f"verify {m}": (lambda cache, m=m: verify(cache, m)) for m in range(1, max_draft + 2)})
     times = {name: [] for name in pieces}
     for _ in range(repeats):
         for name, fn in pieces.items():
@@ -553,7 +554,7 @@ def pass_costs(env, model, prompt, draft_layer, max_draft, repeats=60):
             times[name].append(now(dev) - t0)
     med = {name: float(np.median(t)) for name, t in times.items()}
     return {"prefill": med["prefill"], "full": med["full"], "draft": med["draft"],
-            "verify": [med[m] for m in range(1, max_draft + 2)]}
+            "verify": [med[f"verify {m}"] for m in range(1, max_draft + 2)]}
 
 
 def predicted_speedup(a, k, new_tokens, costs):
@@ -568,7 +569,7 @@ def predicted_speedup(a, k, new_tokens, costs):
     for left in range(1, new_tokens):
         n = min(k, left - 1)
         keep = [a**j * (1 - a) for j in range(n)] + [a**n]
-        expected[left] = ((n + 1) * costs["draft"] + costs["verify"][n]
+        expected[left] = ((n + 1) * costs["draft"] + costs["verify"][n]  # verify[n]: n + 1 positions
                           + sum(p * expected[left - j - 1] for j, p in enumerate(keep)))
     plain = costs["prefill"] + (new_tokens - 1) * costs["full"]
     return plain / (costs["prefill"] + expected[new_tokens - 1])
@@ -590,11 +591,15 @@ def greedy_decode(model, idx, max_new_tokens, eos_id):
 def time_speculative(env, model, problems, layer, max_draft):
     """Greedy decoding of each problem at batch 1, plain (greedy_decode) and self-speculative with the exit
     of `layer` drafting k = 1..max_draft tokens, each pair timed back to back, in alternating order from
-    problem to problem, so both see the same machine load. Counts outputs that differ from plain decoding
-    (there should be none). Returns {k: {plain, spec (per-problem seconds), drafted, checked, accepted,
-    passes, tokens, mismatches}}."""
-    rows = {k: dict(plain=[], spec=[], drafted=0, checked=0, accepted=0, passes=0, tokens=0, mismatches=0)
-            for k in range(1, max_draft + 1)}
+    problem to problem, so both see the same machine load; one untimed run of each first, so that no
+    timed run pays for first calls. Counts outputs that differ from plain decoding (there should be none).
+    Returns {k: {plain, spec: per-problem seconds; stats: per-problem speculative_generate stats;
+    mismatches}}."""
+    rows = {k: dict(plain=[], spec=[], stats=[], mismatches=0) for k in range(1, max_draft + 1)}
+    first = env.prompts([(problems[0][0], None)])
+    for k in rows:  # untimed warm-up
+        greedy_decode(model, first, env.max_new, env.eos_id)
+        model.speculative_generate(first, env.max_new, layer, k, eos_id=env.eos_id)
     for i, (prompt, _) in enumerate(problems):
         idx = env.prompts([(prompt, None)])
         for k, row in rows.items():
@@ -606,8 +611,7 @@ def time_speculative(env, model, problems, layer, max_draft):
                     out, stats = model.speculative_generate(idx, env.max_new, layer, k, eos_id=env.eos_id)
                 row[which].append(now(env.device) - t0)
             row["mismatches"] += not torch.equal(out, plain)
-            for name in ("drafted", "checked", "accepted", "passes", "tokens"):
-                row[name] += stats[name]
+            row["stats"].append(stats)
     return rows
 
 
@@ -616,10 +620,12 @@ def spec_layers(cfg):
 
 
 def speculative_code_digest():
-    """A digest of the source of everything a speculative measurement depends on, so that cached
-    measurements are redone after any change to the model, decoding, timing or probe code."""
-    parts = (sys.modules[GPT.__module__], greedy_decode, time_speculative, pass_costs, predicted_speedup,
-             measure_drafter, probe_exits)  # all of model.py, and the measuring code here
+    """A digest of the source of the code a speculative measurement runs (docstrings and comments
+    included: a conservative key), so that cached measurements are redone after any change to the model,
+    the task, the decoding, the timing or the probe."""
+    parts = (sys.modules[GPT.__module__], sys.modules[sample_problems.__module__], greedy_decode, time_speculative,
+             pass_costs, predicted_speedup, measure_drafter, probe_exits, now, autocast, Env.prompts, stream_seed)
+    # all of model.py and tasks.py, the measuring code here and what it calls in oisd.py
     return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:16]
 
 
@@ -629,19 +635,25 @@ def read_spec_cache(path):
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
+            cached = json.load(f)
     except (OSError, ValueError) as e:
         refuse(f"cannot read the cached speculative measurements {path} ({type(e).__name__}); delete it to re-measure")
+    if not isinstance(cached, dict):
+        refuse(f"{path} does not hold cached speculative measurements; delete it to re-measure")
+    return cached
 
 
 def run_speculative(cfg):
     """For every seed and arm of a finished grid in out_dir (greedy, batch 1): each exit layer in
     spec_layers as the drafter, as trained and after the post-hoc probe (measure_drafter). Measurements
-    are cached per seed and arm in out_dir/seed<s>/spec-<arm>.json under everything they depend on (the
-    settings, the torch version, the thread count, the code's digest and the model's weights), so seeds
-    can be timed in separate processes and collected by one command over all of them. Writes
-    speculative.md and speculative.json in out_dir."""
-    results, code = [], speculative_code_digest()
+    are cached per seed and arm in out_dir/seed<s>/spec-<arm>.json under what they depend on (the
+    settings, the machine, device, precision, thread count and torch version, the code's digest, the
+    model's config and weights; not the machine's load at the time), so seeds can be timed in separate
+    processes and collected by one command over all of them. Writes speculative.md and speculative.json
+    in out_dir, for the seeds of this command."""
+    results, code = [], SPEC_CODE
+    machine = f"{platform.node()} {platform.processor() or platform.machine()} " + (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     for seed, env in seed_envs(cfg).items():
         for arm in cfg.arms.split(","):
             model = trained_model(env, arm)
@@ -650,7 +662,8 @@ def run_speculative(cfg):
                        prompts_per_step=c.prompts_per_step, group_size=c.group_size, spec_problems=c.spec_problems,
                        spec_max_draft=c.spec_max_draft, probe_steps=c.probe_steps, probe_lr=c.probe_lr,
                        probe_batches=c.probe_batches, threads=torch.get_num_threads(), device=str(env.device),
-                       torch=torch.__version__, code=code, model=model_digest(model))
+                       precision=env.precision, machine=machine, torch=torch.__version__, code=code,
+                       model_config=dataclasses.asdict(model.config), model=model_digest(model))
             path = os.path.join(c.out_dir, f"spec-{arm.replace(' ', '_')}.json")
             cached = read_spec_cache(path)
             done = cached.get("measures", {}) if cached.get("key") == key else {}
@@ -672,50 +685,61 @@ def run_speculative(cfg):
                       f"{x['mismatches']} outputs differ from plain decoding")
     text = speculative_table(results)
     print("\n" + text)
-    with open(os.path.join(cfg.out_dir, "speculative.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out_dir, "speculative.md"), "w") as f:
-        f.write(text + "\n")
+    for name, write in (("speculative.json", lambda f: json.dump(results, f, indent=1)),
+                        ("speculative.md", lambda f: f.write(text + "\n"))):
+        path = os.path.join(cfg.out_dir, name)
+        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+            write(f)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     print(f"saved {cfg.out_dir}/speculative.md and speculative.json")
 
 
 def measure_drafter(env, model, layer):
-    """The exit of `layer` as the drafter, draft lengths 1..spec_max_draft on spec_problems held-out
-    problems. The draft length is chosen on the first half of the problems and the speed-up over plain
-    greedy decoding is measured on the second half (no winner's curse); the acceptance rate at that k is
-    over all the problems, and so is acceptance_all_k, pooled over every draft length (the same design
-    for every model, so comparable across arms whatever k each chose); by_k lists, per draft length,
-    the speed-up and acceptance over all the problems; beside them, the speed-up predicted by the
-    per-token acceptance rate and the measured per-pass costs (predicted_speedup)."""
+    """The exit of `layer` as the drafter, draft lengths k = 1..spec_max_draft on spec_problems held-out
+    problems. k is chosen on the first half of the problems; everything reported at that k (speed-up over
+    plain greedy decoding, acceptance, tokens per pass, and the speed-up predicted from that acceptance and
+    the measured per-pass costs, predicted_speedup) is measured on the second half (no winner's curse).
+    Over all the problems: by_k, the speed-up and acceptance at every k, and acceptance_all_k, accepted /
+    checked pooled over every k (the same draft lengths and problems for every model, so comparable across
+    arms whatever k each chose)."""
     cfg = env.cfg
     problems = env.test[: cfg.spec_problems]
     half = len(problems) // 2
     rows = time_speculative(env, model, problems, layer, cfg.spec_max_draft)
+
+    def total(row, name, part=slice(None)):
+        return sum(st[name] for st in row["stats"][part])
+
     k = max(rows, key=lambda k: sum(rows[k]["plain"][:half]) / sum(rows[k]["spec"][:half]))
-    r = rows[k]
-    a = r["accepted"] / max(r["checked"], 1)
+    r, second = rows[k], slice(half, None)
+    a = total(r, "accepted", second) / max(total(r, "checked", second), 1)
+    tokens, passes = total(r, "tokens", second), total(r, "passes", second)
     costs = pass_costs(env, model, env.prompts(problems[:1]), layer, k)
-    return dict(layer=layer, k=k, acceptance=a, tokens_per_pass=r["tokens"] / r["passes"],
-                passes_per_token=r["passes"] / r["tokens"], ms_per_problem=1e3 * float(np.mean(r["spec"][half:])),
-                plain_ms_per_problem=1e3 * float(np.mean(r["plain"][half:])),
-                speedup=sum(r["plain"][half:]) / sum(r["spec"][half:]),
-                predicted=predicted_speedup(a, k, round(r["tokens"] / len(problems)), costs), costs=costs,
-                acceptance_all_k=sum(v["accepted"] for v in rows.values()) / max(sum(v["checked"] for v in rows.values()), 1),
+    return dict(layer=layer, k=k, acceptance=a, tokens_per_pass=tokens / passes, passes_per_token=passes / tokens,
+                ms_per_problem=1e3 * float(np.mean(r["spec"][second])),
+                plain_ms_per_problem=1e3 * float(np.mean(r["plain"][second])),
+                speedup=sum(r["plain"][second]) / sum(r["spec"][second]),
+                predicted=predicted_speedup(a, k, round(tokens / (len(problems) - half)), costs), costs=costs,
+                acceptance_all_k=(sum(total(v, "accepted") for v in rows.values())
+                                  / max(sum(total(v, "checked") for v in rows.values()), 1)),
                 mismatches=sum(v["mismatches"] for v in rows.values()),
-                by_k=[dict(k=j, speedup=sum(v["plain"]) / sum(v["spec"]), acceptance=v["accepted"] / max(v["checked"], 1))
+                by_k=[dict(k=j, speedup=sum(v["plain"]) / sum(v["spec"]), acceptance=total(v, "accepted") / max(total(v, "checked"), 1))
                       for j, v in rows.items()])
 
 
+SPEC_CODE = speculative_code_digest()  # at import: the code as written, whatever is patched later
+
+
 def speculative_table(results):
-    """Means over seeds per (arm, drafter, exit layer) of the measurements at the chosen draft length, the
-    speed-up's standard deviation over seeds (blank with one seed), and, for every arm but grpo, the paired
-    difference to grpo with the same drafter and exit on the same seeds [95% t-interval] (n pairs) of the
-    speed-up and of the acceptance pooled over all draft lengths (acceptance_all_k: the same design for
-    both arms, whatever k each chose)."""
+    """Means over all of an arm's seeds per (arm, drafter, exit layer) of the measurements at the chosen
+    draft length k, the speed-up's standard deviation over seeds (blank with one seed), and, for every arm
+    but grpo, the paired difference to grpo with the same drafter and exit, over the seeds both have
+    [95% t-interval] (number of pairs), of the speed-up and of the acceptance pooled over all draft
+    lengths (acceptance_all_k: the same draft lengths and problems for both arms, whatever k each chose)."""
     groups = {}
     for r in results:
         groups.setdefault((r["arm"], r["drafter"], r["layer"]), {})[r["seed"]] = r
-    lines = ["| arm | drafter | exit | seeds | k | acceptance | tokens per full pass | full passes per token | "
+    lines = ["| arm | drafter | exit | seeds | k | acceptance at k | tokens per full pass | full passes per token | "
              "ms per problem | plain ms | speed-up ± sd | predicted | vs grpo: speed-up (pairs) | vs grpo: acceptance "
              "over all k, points | outputs differing |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -12,6 +12,7 @@ import random
 import itertools
 import subprocess
 import time
+import types
 import sys
 
 import numpy as np
@@ -1066,13 +1067,25 @@ def test_speculative_table_pairs_each_arm_with_grpo_on_the_same_seeds():
     assert one[10] == "1.10x"  # one seed: no spread to show, and no "nan"
 
 
+def test_pass_costs_prices_every_piece_and_survives_json():
+    model = disagreeing_model(1)
+    idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(0))
+    costs = experiments.pass_costs(types.SimpleNamespace(device="cpu"), model, idx, 2, 3, repeats=3)
+    assert sorted(costs) == ["draft", "full", "prefill", "verify"] and len(costs["verify"]) == 3 + 1
+    assert all(t > 0 for t in [costs["prefill"], costs["full"], costs["draft"], *costs["verify"]])
+    assert json.loads(json.dumps(costs)) == costs
+
+
 def test_greedy_decode_matches_the_sampler_at_temperature_0():
     model = disagreeing_model(1)
     for seed in range(4):
         idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(seed))
-        for max_new, eos in [(9, None), (9, 3), (1, 3)]:
+        full, _ = model.generate(idx, 9, temperature=0)
+        eos = int(full[0, 5 + 3])  # the 4th new token: an EOS the model does emit
+        for max_new, eos in [(9, None), (9, eos), (1, eos)]:
             plain, _ = model.generate(idx, max_new, temperature=0, eos_id=eos)
             assert torch.equal(experiments.greedy_decode(model, idx, max_new, eos), plain)
+        assert experiments.greedy_decode(model, idx, 9, eos).size(1) <= 5 + 4  # stopped at that EOS
 
 
 def test_measure_cache_is_tied_to_the_model_it_measured(tmp_path, capsys):
@@ -1094,18 +1107,22 @@ def test_speculative_measurements_are_cached_per_seed_and_collected(tmp_path, ca
     spec = ["--speculative", "--spec_problems=2", "--spec_max_draft=1", "--spec_layers=1"]
     experiments.main(grid + ["--seeds=0,1"])
     experiments.main(grid + spec + ["--seeds=0"])
+    measure, measured = experiments.measure_drafter, []  # seed 1's measurements, in memory
+    monkeypatch.setattr(experiments, "measure_drafter", lambda *a: measured.append(measure(*a)) or measured[-1])
     experiments.main(grid + spec + ["--seeds=1"])
-    first = json.load(open(tmp_path / "speculative.json"))
+    monkeypatch.undo()
+    measured = [dict(arm="grpo", drafter=d, **m) for d, m in zip(("as trained", "probe"), measured)]
+    assert isinstance(measured[0]["costs"]["verify"], list) and isinstance(measured[0]["by_k"], list)
     capsys.readouterr()
     real, timed = GPT.speculative_generate, set()
     monkeypatch.setattr(GPT, "speculative_generate", lambda *a, **k: pytest.fail("re-timed"))
     experiments.main(grid + spec + ["--seeds=0,1"])  # both seeds from their caches, one table
     out = capsys.readouterr().out
-    assert not timed and "| grpo | as trained | L1 | 2 |" in out and "| grpo | probe | L1 | 2 |" in out
+    assert "| grpo | as trained | L1 | 2 |" in out and "| grpo | probe | L1 | 2 |" in out
     saved = json.load(open(tmp_path / "speculative.json"))
     assert sorted((r["seed"], r["drafter"]) for r in saved) == [(0, "as trained"), (0, "probe"), (1, "as trained"), (1, "probe")]
-    assert saved[-2:] == first  # seed 1's values as measured, through the JSON round-trip
-    assert [b["k"] for b in saved[0]["by_k"]] == [1] and len(saved[0]["costs"]["verify"]) == 2
+    assert [(r["seed"], r["drafter"]) for r in saved[-2:]] == [(1, "as trained"), (1, "probe")]
+    assert [{k: v for k, v in r.items() if k != "seed"} for r in saved[-2:]] == measured  # as measured, after JSON
     # any setting the measurement depends on re-times it
     def recording(model, idx, max_new, layer, k, **kw):
         timed.add((max_new, layer, k))
