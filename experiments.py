@@ -109,6 +109,15 @@ def trained_model(env, arm):
     return model.eval()
 
 
+def write_atomic(path, text):
+    """Write text to a temporary file of this process, then rename: a reader, or a run killed mid-write,
+    never sees a half-written file, and processes writing the same file do not share a temporary one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def model_digest(model):
     """A hash of every weight: a cached measurement is reused only for the very model it measured."""
     digest = hashlib.sha1()
@@ -201,9 +210,7 @@ def measure_arm(env, arm):
     out.update({f"probe_{k}": v for k, v in probed.items() if k.startswith(("acc_L", "agree_L"))})
     print(f"  measured {arm} in {time.time() - t0:.0f}s: Avg@{cfg.avg_k} {out['avgk']:.1%}, pass@{cfg.avg_k} "
           f"{out['passk']:.1%}, probed exits " + " ".join(f"L{l} {out[f'probe_acc_L{l}']:.1%}" for l in range(1, cfg.n_layer)))
-    with open(path + ".tmp", "w") as f:
-        json.dump({"key": key, "measures": out}, f)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps({"key": key, "measures": out}))
     return out
 
 
@@ -234,10 +241,9 @@ def run_grid(cfg):
             + "\n\nEarly exit, greedy accuracy (%) and time to sample the held-out set:\n\n"
             + early_exit_table(summary, cfg.n_layer, ["warm-up start"] + arms))
     print("\n" + text)
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, f, indent=1)
-    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
-        f.write(text + "\n")
+    write_atomic(os.path.join(cfg.out_dir, "summary.json"),
+                 json.dumps({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, indent=1))
+    write_atomic(os.path.join(cfg.out_dir, "summary.md"), text + "\n")
     print(f"saved {cfg.out_dir}/summary.json and summary.md")
     make_plots(cfg, list(per_seed), arms, summary)
 
@@ -651,7 +657,7 @@ def run_speculative(cfg):
     model's config and weights; not the machine's load at the time), so seeds can be timed in separate
     processes and collected by one command over all of them. Writes speculative.md and speculative.json
     in out_dir, for the seeds of this command."""
-    results, code = [], SPEC_CODE
+    results = []
     machine = f"{platform.node()} {platform.processor() or platform.machine()} " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     for seed, env in seed_envs(cfg).items():
@@ -662,7 +668,7 @@ def run_speculative(cfg):
                        prompts_per_step=c.prompts_per_step, group_size=c.group_size, spec_problems=c.spec_problems,
                        spec_max_draft=c.spec_max_draft, probe_steps=c.probe_steps, probe_lr=c.probe_lr,
                        probe_batches=c.probe_batches, threads=torch.get_num_threads(), device=str(env.device),
-                       precision=env.precision, machine=machine, torch=torch.__version__, code=code,
+                       precision=env.precision, machine=machine, torch=torch.__version__, code=SPEC_CODE,
                        model_config=dataclasses.asdict(model.config), model=model_digest(model))
             path = os.path.join(c.out_dir, f"spec-{arm.replace(' ', '_')}.json")
             cached = read_spec_cache(path)
@@ -673,10 +679,7 @@ def run_speculative(cfg):
             for drafter, layer in wanted:
                 if f"{drafter} L{layer}" not in done:
                     done[f"{drafter} L{layer}"] = measure_drafter(env, model if drafter == "as trained" else probed, layer)
-                    tmp = f"{path}.{os.getpid()}.tmp"
-                    with open(tmp, "w") as f:
-                        json.dump({"key": key, "measures": done}, f)
-                    os.replace(tmp, path)
+                    write_atomic(path, json.dumps({"key": key, "measures": done}))
                 x = dict(seed=seed, arm=arm, drafter=drafter, **done[f"{drafter} L{layer}"])
                 results.append(x)
                 print(f"seed {seed} {arm:>12} {drafter:>10} exit L{layer}: k {x['k']}, acceptance {x['acceptance']:.1%}, "
@@ -685,12 +688,8 @@ def run_speculative(cfg):
                       f"{x['mismatches']} outputs differ from plain decoding")
     text = speculative_table(results)
     print("\n" + text)
-    for name, write in (("speculative.json", lambda f: json.dump(results, f, indent=1)),
-                        ("speculative.md", lambda f: f.write(text + "\n"))):
-        path = os.path.join(cfg.out_dir, name)
-        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-            write(f)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    write_atomic(os.path.join(cfg.out_dir, "speculative.json"), json.dumps(results, indent=1))
+    write_atomic(os.path.join(cfg.out_dir, "speculative.md"), text + "\n")
     print(f"saved {cfg.out_dir}/speculative.md and speculative.json")
 
 
