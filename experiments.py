@@ -199,10 +199,9 @@ def measure_arm(env, arm):
     key = dict(avg_k=cfg.avg_k, probe_steps=cfg.probe_steps, probe_lr=cfg.probe_lr, probe_batches=cfg.probe_batches,
                eval_size=cfg.eval_size, temperature=cfg.temperature, model=model_digest(model))
     path = os.path.join(cfg.out_dir, f"measure-{arm.replace(' ', '_')}.json")
-    if os.path.exists(path):
-        cached = json.load(open(path))
-        if cached.get("key") == key:
-            return cached["measures"]
+    cached = read_cache(path)
+    if cached.get("key") == key:
+        return cached["measures"]
     t0 = time.time()
     out = sampled_and_step_metrics(env, model)
     probe = probe_exits(env, model, cfg.probe_steps, cfg.probe_lr, cfg.probe_batches)
@@ -627,25 +626,27 @@ def spec_layers(cfg):
 
 def speculative_code_digest():
     """A digest of the source of the code a speculative measurement runs (docstrings and comments
-    included: a conservative key), so that cached measurements are redone after any change to the model,
-    the task, the decoding, the timing or the probe."""
+    included: a conservative key): all of model.py and tasks.py, the measuring code here, and the timing,
+    autocast, prompt and seeding helpers of oisd.py, so that cached measurements are redone after a change
+    to any of them. Not covered: the rest of oisd.py that the probe uses (response_mask, make_optimizer,
+    Env's held-out split); delete the spec-*.json files after changing those."""
     parts = (sys.modules[GPT.__module__], sys.modules[sample_problems.__module__], greedy_decode, time_speculative,
              pass_costs, predicted_speedup, measure_drafter, probe_exits, now, autocast, Env.prompts, stream_seed)
-    # all of model.py and tasks.py, the measuring code here and what it calls in oisd.py
     return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:16]
 
 
-def read_spec_cache(path):
-    """The cached {key, measures} of one seed and arm, or {} if there is none; a corrupt file is one line."""
+def read_cache(path):
+    """A cached {key, measures} (measure_arm, run_speculative), or {} if there is none; a corrupt file
+    exits with one line."""
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
             cached = json.load(f)
     except (OSError, ValueError) as e:
-        refuse(f"cannot read the cached speculative measurements {path} ({type(e).__name__}); delete it to re-measure")
+        refuse(f"cannot read the cached measurements {path} ({type(e).__name__}); delete it to re-measure")
     if not isinstance(cached, dict):
-        refuse(f"{path} does not hold cached speculative measurements; delete it to re-measure")
+        refuse(f"{path} does not hold cached measurements; delete it to re-measure")
     return cached
 
 
@@ -671,7 +672,7 @@ def run_speculative(cfg):
                        precision=env.precision, machine=machine, torch=torch.__version__, code=SPEC_CODE,
                        model_config=dataclasses.asdict(model.config), model=model_digest(model))
             path = os.path.join(c.out_dir, f"spec-{arm.replace(' ', '_')}.json")
-            cached = read_spec_cache(path)
+            cached = read_cache(path)
             done = cached.get("measures", {}) if cached.get("key") == key else {}
             wanted = [(d, l) for d in ("as trained", "probe") for l in spec_layers(cfg)]
             if any(d == "probe" and f"{d} L{l}" not in done for d, l in wanted):
@@ -800,8 +801,7 @@ def write_report(cfg):
         sections.append(f"## {setting} (`{path}`)\n\n{body}")
     text = "\n".join(lines) + "\n\n" + "\n".join(sections)
     path = os.path.join(cfg.out_dir, "RESULTS.md")
-    with open(path, "w") as f:
-        f.write(text)
+    write_atomic(path, text)
     print("\n".join(lines))
     print(f"\nwrote {path}")
 

@@ -1129,12 +1129,14 @@ def test_speculative_measurements_are_cached_per_seed_and_collected(tmp_path, ca
         return real(model, idx, max_new, layer, k, **kw)
     monkeypatch.setattr(GPT, "speculative_generate", recording)
     experiments.main(grid + spec + ["--seeds=0", "--max_new_tokens=5"])
-    experiments.main(grid + spec[:2] + ["--spec_max_draft=2", "--spec_layers=1", "--seeds=0"])
-    assert timed == {(5, 1, 1), (6, 1, 1), (6, 1, 2)}, timed  # (max_new, exit, k): both changes re-timed
-    (tmp_path / "seed0" / "spec-grpo.json").write_text("{not json")
-    with pytest.raises(SystemExit) as e:
-        experiments.main(grid + spec + ["--seeds=0"])
-    assert e.value.code == 2 and "delete it" in capsys.readouterr().err
+    assert timed == {(5, 1, 1)}, timed  # (max_new, exit, k): the new max_new re-timed
+    experiments.main(grid + spec[:2] + ["--spec_max_draft=2", "--spec_layers=1", "--seeds=0", "--max_new_tokens=5"])
+    assert timed == {(5, 1, 1), (5, 1, 2)}, timed  # only spec_max_draft changed: re-timed too
+    for corrupt in ("{not json", "[1, 2]"):
+        (tmp_path / "seed0" / "spec-grpo.json").write_text(corrupt)
+        with pytest.raises(SystemExit) as e:
+            experiments.main(grid + spec + ["--seeds=0"])
+        assert e.value.code == 2 and "delete it" in capsys.readouterr().err
 
 
 def test_speculative_refuses_an_unfinished_arm(tmp_path):
