@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from model import GPT, KVCache
 from oisd import (MAX_GIB, NO_LAYERS, Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
                   load_policy, make_optimizer, now, preflight, refuse, response_mask, rl_step, run_seed, sample_problems,
-                  setup, stream_seed, warmup)
+                  setup, stream_seed, warmup, warmup_path)
 from tasks import EOS
 
 
@@ -51,6 +51,7 @@ class ExpConfig(Config):
     spec_max_draft: int = 6          # draft lengths 1..spec_max_draft are timed
     spec_layers: str = ""            # exit layers tried as drafters, comma-separated (empty: every layer below the last)
     report: str = ""                 # comma-separated grid out_dirs: write out_dir/RESULTS.md from their summaries
+    skip_missed: bool = False        # a seed whose warm-up misses sft_target_acc is reported and gets no RL steps
 
 
 EXP_RANGES = dict(avg_k=(1, 1024), probe_steps=(0, 10**6), probe_lr=(1e-9, 10.0), probe_batches=(1, 1000), bench_steps=(1, 10**5),
@@ -216,22 +217,40 @@ def measure_arm(env, arm):
 # -----------------------------------------------------------------------------
 # The grid
 
+def missed_warmup(env):
+    """The warm-up's validation accuracy if it missed sft_target_acc, else None (trains it if not cached)."""
+    os.makedirs(env.cfg.out_dir, exist_ok=True)
+    warmup(env)
+    acc = load_checkpoint(warmup_path(env), env.device, ("val_acc",))["val_acc"]
+    return acc if acc < env.cfg.sft_target_acc else None
+
+
 def run_grid(cfg):
     """For each seed, oisd's run (warm-up and every arm) in out_dir/seed<s>, then measure_arm for every
-    row; then the summary tables (printed, and saved as summary.md and summary.json) and the plots."""
-    per_seed, envs = {}, seed_envs(cfg)
+    row; then the summary tables (printed, and saved as summary.md and summary.json) and the plots.
+    With --skip_missed a seed whose warm-up misses sft_target_acc gets no RL and is only listed."""
+    per_seed, missed, envs = {}, {}, seed_envs(cfg)
     for env in envs.values():  # every seed's checkpoints are checked before any seed trains
         preflight(env)
     for seed, env in envs.items():
         print(f"\n=== seed {seed} ===")
+        if cfg.skip_missed and (acc := missed_warmup(env)) is not None:
+            missed[seed] = acc
+            print(f"seed {seed}: warm-up missed ({acc:.1%} < {cfg.sft_target_acc:.0%}); no RL (--skip_missed)")
+            continue
         rows = run_seed(env)
         per_seed[seed] = {arm: dict(ev, **measure_arm(env, arm)) for arm, ev in rows.items()}
+    missed_line = ("Seeds whose warm-up missed, with no RL: " + ", ".join(f"{s} ({a:.1%})" for s, a in missed.items())
+                   + ".\n\n") if missed else ""
+    if not per_seed:
+        print("\n" + missed_line + "No seed reached the warm-up target: nothing to summarise.")
+        return
     arms = cfg.arms.split(",")
     summary = summarize(per_seed, cfg.n_layer)
     shown = sorted({l for arm in arms if arm.partition(":")[0] not in NO_LAYERS
                     for l in layer_list(arm_config(cfg, arm))})
     text = (f"{len(per_seed)} seeds ({cfg.seeds}); held-out problems: {cfg.eval_size}; K = {cfg.avg_k}.\n\n"
-            "Final layer, greedy and sampled:\n\n" + final_table(summary, cfg.avg_k)
+            + missed_line + "Final layer, greedy and sampled:\n\n" + final_table(summary, cfg.avg_k)
             + "\n\nExits (%), each as trained / through the trained ln_f (lens) / after the post-hoc probe "
             f"({cfg.probe_steps} steps): held-out greedy accuracy, and the exit's top-1 agreement with the final layer "
             "on the final layer's own greedy completions (what greedy drafting's acceptance rate estimates; "
@@ -241,7 +260,8 @@ def run_grid(cfg):
             + early_exit_table(summary, cfg.n_layer, ["warm-up start"] + arms))
     print("\n" + text)
     write_atomic(os.path.join(cfg.out_dir, "summary.json"),
-                 json.dumps({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary}, indent=1))
+                 json.dumps({"config": dataclasses.asdict(cfg), "per_seed": per_seed, "summary": summary,
+                             "missed": missed}, indent=1))
     write_atomic(os.path.join(cfg.out_dir, "summary.md"), text + "\n")
     print(f"saved {cfg.out_dir}/summary.json and summary.md")
     make_plots(cfg, list(per_seed), arms, summary)

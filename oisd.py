@@ -612,12 +612,16 @@ def warmup_key(env):
                 torch=str(torch.__version__), threads=torch.get_num_threads())
 
 
+def warmup_path(env):
+    """The warm-up's cache file in out_dir, named by a hash of warmup_key()."""
+    return os.path.join(env.cfg.out_dir, f"warmup-{hashlib.sha1(json.dumps(warmup_key(env)).encode()).hexdigest()[:10]}.pt")
+
+
 def warmup(env):
     """Train from scratch on worked solutions until validation accuracy >= sft_target_acc.
-    Cached in out_dir under a hash of warmup_key(); the stored key is compared on reuse.
+    Cached in warmup_path(env); the stored key is compared on reuse.
     Returns the model's state dict."""
-    cfg, key = env.cfg, warmup_key(env)
-    path = os.path.join(cfg.out_dir, f"warmup-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.pt")
+    cfg, key, path = env.cfg, warmup_key(env), warmup_path(env)
     if os.path.exists(path):
         ck = load_checkpoint(path, env.device, ("model", "key"))
         if ck["key"] != key:
@@ -639,8 +643,10 @@ def warmup(env):
             if acc >= cfg.sft_target_acc:
                 break
     else:
-        print(f"warm-up: validation accuracy {acc:.1%} did not reach {cfg.sft_target_acc:.0%} "
-              f"in {cfg.sft_max_steps} steps; going on from here")
+        print(f"warm-up: validation accuracy {acc:.1%} did not reach {cfg.sft_target_acc:.0%} in {cfg.sft_max_steps} "
+              "steps: this seed missed the sharp transition, and RL from a model that is almost never right has "
+              "little to reinforce. Going on from here; to get a usable start try another --seed or a larger "
+              "--sft_max_steps (experiments.py --skip_missed gives such a seed no RL)")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("exit_ln")}  # exits untrained here
     save_atomic({"model": state, "key": key, "config": dataclasses.asdict(cfg), "val_acc": acc, "steps": step}, path)
     return state

@@ -1148,3 +1148,21 @@ def test_speculative_refuses_an_unfinished_arm(tmp_path):
     with pytest.raises(SystemExit) as e:
         experiments.main(grid + ["--rl_steps=4", "--speculative", "--spec_problems=2", "--spec_max_draft=1"])
     assert e.value.code == 2
+
+
+def test_skip_missed_gives_a_missed_warmup_no_rl_and_reports_it(tmp_path, capsys, monkeypatch):
+    """--skip_missed: a seed whose warm-up misses sft_target_acc spends no RL step, is listed in summary.md
+    and summary.json, and is left out of every table; the other seeds are summarised as usual."""
+    grid = [f"--out_dir={tmp_path}", "--arms=grpo", "--digits=2", "--sft_max_steps=4", "--sft_eval_every=2",
+            "--eval_size=8", "--eval_every=2", "--prompts_per_step=4", "--group_size=4", "--n_layer=2",
+            "--align_layers=1", "--probe_steps=2", "--avg_k=2", "--probe_batches=1", "--rl_steps=2", "--skip_missed"]
+    experiments.main(grid + ["--seeds=0,1", "--sft_target_acc=1.0"])  # 4 warm-up steps cannot reach 100%
+    out = capsys.readouterr().out
+    assert "seed 0: warm-up missed" in out and "nothing to summarise" in out
+    assert not list(tmp_path.glob("seed*/grpo.pt"))  # no RL step was taken
+    monkeypatch.setattr(experiments, "missed_warmup", lambda env: 0.25 if env.cfg.seed == 1 else None)
+    experiments.main(grid + ["--seeds=0,1"])  # seed 1 missed, seed 0 reached the target
+    saved = json.load(open(tmp_path / "summary.json"))
+    assert saved["missed"] == {"1": 0.25} and list(saved["per_seed"]) == ["0"]
+    assert (tmp_path / "seed0" / "grpo.pt").exists() and not (tmp_path / "seed1" / "grpo.pt").exists()
+    assert "Seeds whose warm-up missed, with no RL: 1 (25.0%)" in (tmp_path / "summary.md").read_text()
