@@ -51,6 +51,7 @@ class ExpConfig(Config):
     spec_max_draft: int = 6          # draft lengths 1..spec_max_draft are timed
     spec_layers: str = ""            # exit layers tried as drafters, comma-separated (empty: every layer below the last)
     report: str = ""                 # comma-separated grid out_dirs: write out_dir/RESULTS.md from their summaries
+    step_test: str = ""              # comma-separated chain grid out_dirs: the paired step-accuracy test of each arm against grpo
     skip_missed: bool = False        # a seed whose warm-up misses sft_target_acc is reported and gets no RL steps
 
 
@@ -76,12 +77,13 @@ def validate_experiment(cfg):
         raise ConfigError(f"--spec_layers expects comma-separated integers, got {cfg.spec_layers!r}") from None
     if not all(1 <= layer < cfg.n_layer for layer in layers):
         raise ConfigError(f"--spec_layers: every layer must be in 1..{cfg.n_layer - 1}, got {cfg.spec_layers!r}")
-    for path in cfg.report.split(",") if cfg.report else []:
-        if not path or not os.path.exists(os.path.join(path, "summary.json")):
-            raise ConfigError(f"--report: {path!r} holds no summary.json (run its grid first)")
+    for flag in ("report", "step_test"):
+        for path in getattr(cfg, flag).split(",") if getattr(cfg, flag) else []:
+            if not path or not os.path.exists(os.path.join(path, "summary.json")):
+                raise ConfigError(f"--{flag}: {path!r} holds no summary.json (run its grid first)")
     if cfg.speculative and cfg.spec_problems > cfg.eval_size:
         raise ConfigError(f"--spec_problems ({cfg.spec_problems}) must be at most --eval_size ({cfg.eval_size})")
-    if cfg.rl_steps < 1 and not (cfg.report or cfg.bench):
+    if cfg.rl_steps < 1 and not (cfg.report or cfg.bench or cfg.step_test):
         raise ConfigError("--rl_steps must be >= 1 for a grid or --speculative: they measure trained arms")
     kv_gib = cfg.eval_size * cfg.avg_k * cfg.block_size * cfg.n_layer * cfg.n_embd * 8 / 2**30
     if kv_gib > MAX_GIB:
@@ -297,6 +299,70 @@ def paired_interval(diff):
     sd, n = float(np.std(diff, ddof=1)), len(diff)
     half = t_quantile(T975, n - 1, 1.960) * sd / math.sqrt(n)
     return float(np.mean(diff)), float(np.mean(diff)) - half, float(np.mean(diff)) + half, sd
+
+
+def incomplete_beta(x, a, b):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz),
+    on the side of x where the fraction converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(1.0 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def t_pvalue(t, df):
+    """Two-sided p-value of a Student t statistic with df degrees of freedom: P(|T| >= |t|)."""
+    return incomplete_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def wilcoxon_pvalue(diff):
+    """Two-sided exact p-value of the Wilcoxon signed-rank test: zero differences dropped, tied |d| given
+    their average rank, and every one of the 2^n sign patterns enumerated (n <= 20). The statistic is the
+    sum of the positive ranks; p = P(|W+ - n(n+1)/4| >= observed) under random signs."""
+    d = np.asarray(diff, dtype=float)
+    d = d[d != 0]
+    n = len(d)
+    if n == 0:
+        return 1.0
+    if n > 20:
+        raise ValueError("exact Wilcoxon enumeration is for at most 20 non-zero differences")
+    order = np.abs(d).argsort(kind="stable")
+    ranks = np.empty(n)
+    ranks[order] = np.arange(1, n + 1)
+    for value in np.unique(np.abs(d)):  # average the ranks of ties
+        ranks[np.abs(d) == value] = ranks[np.abs(d) == value].mean()
+    signs = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1  # (2^n, n): every sign pattern
+    centre = n * (n + 1) / 4
+    observed = abs(ranks[d > 0].sum() - centre)
+    return float(np.mean(np.abs(signs @ ranks - centre) >= observed - 1e-9))
+
+
+def paired_test(diff):
+    """diff: (n,) paired differences, n >= 2 -> the mean with its 95% t-interval, the t statistic and its
+    two-sided p, the exact Wilcoxon signed-rank p, and the minimum detectable effect (80% power)."""
+    mean, lo, hi, sd = paired_interval(diff)
+    n = len(diff)
+    t = mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    return dict(n=n, mean=mean, lo=lo, hi=hi, sd=sd, t=t, p=t_pvalue(t, n - 1) if math.isfinite(t) else float(t == 0),
+                p_wilcoxon=wilcoxon_pvalue(diff), mde=min_detectable_effect(sd, n))
 
 
 # The paper's reported gain, relative: OISD 64.75 against GRPO 55.08 average accuracy (Qwen3-4B, Avg@K).
@@ -826,11 +892,104 @@ def write_report(cfg):
     print(f"\nwrote {path}")
 
 
+def step_test(cfg):
+    """The pre-registered test of the chain task's step accuracy (README, "A test fixed in advance"), for
+    each grid named by --step_test and each arm in it against grpo on the same seeds: per seed, every row's
+    greedy step accuracy and its change from the warm-up start; the paired test of the differences
+    (arm - grpo); how many seeds each arm collapses on (loses more than 10 points of step accuracy against
+    the warm-up start) with the exact two-sided sign test on the seeds where only one of the two collapses;
+    final-layer greedy and Avg@K against grpo. Writes out_dir/step_test.md and .json and a plot of each
+    arm's change against grpo's, one point per seed."""
+    out, lines = {}, []
+    for path in cfg.step_test.split(","):
+        saved = read_cache(os.path.join(path, "summary.json"))
+        if not saved.get("per_seed"):
+            refuse(f"--step_test: {path}/summary.json holds no seeds")
+        per_seed, missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
+        seeds = list(per_seed)
+        if "step_acc" not in per_seed[seeds[0]]["grpo"]:
+            refuse(f"--step_test: {path} has no step accuracy (a chain-task grid with grpo is needed)")
+        L, rows = c["n_layer"], list(per_seed[seeds[0]])
+        arms = [r for r in rows if r not in ("warm-up start", "grpo")]
+        lines += [f"## {path}: chain, {c['terms']} terms of {c['digits']} digits, {L} layers, {len(seeds)} seeds",
+                  "", f"Missed warm-ups (no RL): {', '.join(f'{s} ({a:.1%})' for s, a in missed.items()) or 'none'}.", "",
+                  "Greedy step accuracy (%) per seed, and its change from the warm-up start (points):", "",
+                  "| seed | " + " | ".join(rows) + " | " + " | ".join(f"{r} change" for r in rows[1:])
+                  + " | " + " | ".join(f"{a} - grpo" for a in arms) + " |", "|---" * (2 * len(rows) + len(arms)) + "|"]
+        step = {r: np.array([100 * per_seed[s][r]["step_acc"] for s in seeds]) for r in rows}
+        change = {r: step[r] - step["warm-up start"] for r in rows}
+        for i, s in enumerate(seeds):
+            lines.append(f"| {s} | " + " | ".join(f"{step[r][i]:.1f}" for r in rows) + " | "
+                         + " | ".join(f"{change[r][i]:+.1f}" for r in rows[1:]) + " | "
+                         + " | ".join(f"{step[a][i] - step['grpo'][i]:+.1f}" for a in arms) + " |")
+        lines += ["", "| row | step acc, mean | change from warm-up start [95% CI] | seeds losing > 10 points |",
+                  "|---|---|---|---|"]
+        result = {"seeds": seeds, "missed": missed, "step_acc": {r: step[r].tolist() for r in rows}, "arms": {}}
+        for r in rows[1:]:
+            ch = paired_test(change[r])
+            lines.append(f"| {r} | {step[r].mean():.1f} | {ch['mean']:+.1f} [{ch['lo']:+.1f}, {ch['hi']:+.1f}] | "
+                         f"{int((change[r] < -10).sum())} of {len(seeds)} |")
+        for a in arms:
+            test = paired_test(step[a] - step["grpo"])
+            only_grpo, only_arm = int(((change["grpo"] < -10) & (change[a] >= -10)).sum()), int(((change[a] < -10) & (change["grpo"] >= -10)).sum())
+            sign_p = min(1.0, 2 * sum(math.comb(only_grpo + only_arm, k) for k in range(min(only_grpo, only_arm) + 1))
+                         / 2 ** (only_grpo + only_arm)) if only_grpo + only_arm else 1.0
+            finals = {m: paired_test(100 * np.array([per_seed[s][a][k] - per_seed[s]["grpo"][k] for s in seeds]))
+                      for m, k in (("greedy", f"acc_L{L}"), ("avgk", "avgk"))}
+            result["arms"][a] = dict(step=test, collapse={"only_grpo": only_grpo, "only_arm": only_arm, "sign_p": sign_p},
+                                     **finals)
+            lines += ["", f"**{a} - grpo, step accuracy** (n = {test['n']}): {test['mean']:+.1f} points "
+                      f"[{test['lo']:+.1f}, {test['hi']:+.1f}], t = {test['t']:.2f}, p = {test['p']:.3f} (paired t, "
+                      f"two-sided); Wilcoxon signed-rank p = {test['p_wilcoxon']:.3f}; minimum detectable effect "
+                      f"{test['mde']:.1f}.", "",
+                      f"Collapses (> 10 points lost) on one arm of the pair only: grpo on {only_grpo} of {test['n']} seeds, "
+                      f"{a} on {only_arm}; exact sign test p = {sign_p:.3f}. Final layer, {a} - grpo: greedy {finals['greedy']['mean']:+.1f} "
+                      f"[{finals['greedy']['lo']:+.1f}, {finals['greedy']['hi']:+.1f}], Avg@{c['avg_k']} "
+                      f"{finals['avgk']['mean']:+.1f} [{finals['avgk']['lo']:+.1f}, {finals['avgk']['hi']:+.1f}] points."]
+        lines.append("")
+        out[path] = result
+    text = "\n".join(lines)
+    print(text)
+    write_atomic(os.path.join(cfg.out_dir, "step_test.md"), text + "\n")
+    write_atomic(os.path.join(cfg.out_dir, "step_test.json"), json.dumps(out, indent=1))
+    plot_step_changes(cfg, out)
+
+
+def plot_step_changes(cfg, results):
+    """step_test.png (if matplotlib is installed): per grid, each arm's change in step accuracy from the
+    warm-up start against grpo's on the same seed, one point per seed, with the diagonal (no difference)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6), squeeze=False)
+    for ax, (path, r) in zip(axes[0], results.items()):
+        start = np.array(r["step_acc"]["warm-up start"])
+        grpo = np.array(r["step_acc"]["grpo"]) - start
+        for arm in r["arms"]:
+            ax.scatter(grpo, np.array(r["step_acc"][arm]) - start, label=arm)
+        lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
+        ax.axhline(-10, color="gray", lw=0.5, ls=":")
+        ax.axvline(-10, color="gray", lw=0.5, ls=":")
+        ax.set(xlabel="grpo: step accuracy change from the warm-up start (points)",
+               ylabel="arm: the same (points)", title=f"{path}, {len(grpo)} seeds")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "step_test.png"), dpi=90)
+    print(f"saved {cfg.out_dir}/step_test.png")
+
+
 def main(argv):
     env = setup(argv, ExpConfig, "experiments.py", validate_experiment)
     cfg = env.cfg
     if cfg.report:
         write_report(cfg)
+    elif cfg.step_test:
+        step_test(cfg)
     elif cfg.bench:
         bench(env)
     elif cfg.speculative:

@@ -1166,3 +1166,53 @@ def test_skip_missed_gives_a_missed_warmup_no_rl_and_reports_it(tmp_path, capsys
     assert saved["missed"] == {"1": 0.25} and list(saved["per_seed"]) == ["0"]
     assert (tmp_path / "seed0" / "grpo.pt").exists() and not (tmp_path / "seed1" / "grpo.pt").exists()
     assert "Seeds whose warm-up missed, with no RL: 1 (25.0%)" in (tmp_path / "summary.md").read_text()
+
+
+def test_t_pvalue_matches_the_integrated_density():
+    """Two-sided Student-t p-values against a numerical integral of the t density, and the 95% quantiles."""
+    for df in (1, 2, 4, 9, 30):
+        for t in (0.3, 1.0, 2.5, 6.0):
+            x = np.linspace(abs(t), abs(t) + 4000, 4_000_001)
+            log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+            density = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+            tail = np.trapezoid(density, x) + density[-1] * x[-1] / df  # the power-law tail beyond the grid, roughly
+            assert experiments.t_pvalue(t, df) == pytest.approx(2 * tail, rel=2e-3, abs=1e-6), (t, df)
+    for df, q in ((4, 2.776445), (9, 2.262157), (29, 2.045230)):
+        assert experiments.t_pvalue(q, df) == pytest.approx(0.05, abs=1e-6)
+    assert experiments.t_pvalue(0.0, 5) == 1.0
+
+
+def test_wilcoxon_pvalue_against_a_slow_enumeration_and_known_values():
+    def slow(diff):  # every sign pattern, ranks by counting, ties averaged
+        d = [x for x in diff if x != 0]
+        rank = [sum(abs(y) < abs(x) for y in d) + (sum(abs(y) == abs(x) for y in d) + 1) / 2 for x in d]
+        observed = abs(sum(r for r, x in zip(rank, d) if x > 0) - len(d) * (len(d) + 1) / 4)
+        hits = sum(abs(sum(r for r, s in zip(rank, signs) if s) - len(d) * (len(d) + 1) / 4) >= observed - 1e-9
+                   for signs in itertools.product((0, 1), repeat=len(d)))
+        return hits / 2 ** len(d)
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 6, 9):
+        diff = np.round(rng.normal(size=n), 1)  # rounding makes ties
+        assert experiments.wilcoxon_pvalue(diff) == pytest.approx(slow(diff))
+    assert experiments.wilcoxon_pvalue([13.6, 13.6, 24.0, -0.8, 23.4]) == pytest.approx(0.125)  # 4 of 32 patterns
+    assert experiments.wilcoxon_pvalue(np.ones(5)) == pytest.approx(2 / 32)
+    assert experiments.wilcoxon_pvalue([0.0, 0.0, 2.0, -2.0]) == pytest.approx(1.0)  # zeros dropped, tie averaged
+
+
+def test_step_test_reads_a_grid_and_tests_each_arm_against_grpo(tmp_path, capsys):
+    """--step_test on a hand-made chain summary: per-seed changes, the paired test, the collapse counts."""
+    start, grpo, oisd = [90, 88, 92, 85], [60, 86, 70, 84], [85, 80, 91, 83]
+    per_seed = {str(s): {row: {"step_acc": v[i] / 100, "acc_L4": 0.5 + 0.01 * i, "avgk": 0.4}
+                         for row, v in (("warm-up start", start), ("grpo", grpo), ("oisd", oisd))} for i, s in enumerate(range(4))}
+    cfg = dataclasses.asdict(experiments.ExpConfig(task="chain", digits=3))
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "summary.json").write_text(json.dumps({"config": cfg, "per_seed": per_seed, "missed": {"7": 0.1}}))
+    experiments.main([f"--step_test={tmp_path / 'g'}", f"--out_dir={tmp_path}"])
+    r = json.load(open(tmp_path / "step_test.json"))[str(tmp_path / "g")]
+    diff = np.array(oisd, float) - np.array(grpo, float)
+    assert r["arms"]["oisd"]["step"]["mean"] == pytest.approx(diff.mean())
+    sd = diff.std(ddof=1)
+    assert r["arms"]["oisd"]["step"]["t"] == pytest.approx(diff.mean() / (sd / 2))
+    assert r["arms"]["oisd"]["collapse"] == {"only_grpo": 2, "only_arm": 0, "sign_p": 0.5}  # seeds 0 and 2 lose > 10 under grpo
+    assert r["missed"] == {"7": 0.1} and r["arms"]["oisd"]["greedy"]["mean"] == pytest.approx(0.0)
+    assert "Missed warm-ups (no RL): 7 (10.0%)" in (tmp_path / "step_test.md").read_text()
