@@ -946,13 +946,39 @@ def step_test(cfg):
                       f"{a} on {only_arm}; exact sign test p = {sign_p:.3f}. Final layer, {a} - grpo: greedy {finals['greedy']['mean']:+.1f} "
                       f"[{finals['greedy']['lo']:+.1f}, {finals['greedy']['hi']:+.1f}], Avg@{c['avg_k']} "
                       f"{finals['avgk']['mean']:+.1f} [{finals['avgk']['lo']:+.1f}, {finals['avgk']['hi']:+.1f}] points."]
-        lines.append("")
+        worst = seeds[int(change["grpo"].argmin())]
+        lines += ["", f"One held-out problem of seed {worst} (grpo's largest loss of step accuracy) that grpo answers "
+                  "right with a wrong running sum:", "", "```", *unfaithful_example(cfg, c, path, int(worst), rows), "```", ""]
         out[path] = result
     text = "\n".join(lines)
     print(text)
     write_atomic(os.path.join(cfg.out_dir, "step_test.md"), text + "\n")
     write_atomic(os.path.join(cfg.out_dir, "step_test.json"), json.dumps(out, indent=1))
     plot_step_changes(cfg, out)
+
+
+def unfaithful_example(cfg, grid_config, path, seed, rows):
+    """Lines showing the first held-out problem whose greedy grpo completion has the right final answer and
+    a wrong running sum, with every row's completion of it, and how often grpo's right answers carry a
+    wrong running sum on this seed. Needs the grid's checkpoints and its thread count (the warm-up cache
+    is keyed on it)."""
+    env = seed_envs(dataclasses.replace(ExpConfig(**grid_config), out_dir=path, seeds=str(seed), device=cfg.device))[seed]
+    if not os.path.exists(warmup_path(env)):
+        refuse(f"--step_test: no warm-up of seed {seed} in {path} for {torch.get_num_threads()} threads: "
+               "run with the grid's OMP_NUM_THREADS")
+    completions = {}
+    for row in rows:
+        with torch.inference_mode():
+            seq, _ = trained_model(env, row).generate(env.prompts(env.test), env.max_new, temperature=0, eos_id=env.eos_id)
+        completions[row] = env.completions(seq)
+    right = [i for i, (p, a) in enumerate(env.test) if env.task.reward(completions["grpo"][i], a) == 1]
+    unfaithful = [i for i in right if not all(env.task.steps(completions["grpo"][i], env.test[i][0]))]
+    lines = [f"grpo, seed {seed}: {len(unfaithful)} of its {len(right)} right answers carry a wrong running sum"]
+    if unfaithful:
+        prompt = env.test[unfaithful[0]][0]
+        lines += [f"{'problem':>14}  {prompt}", f"{'worked':>14}  {prompt}{env.task.solution(prompt)}"]
+        lines += [f"{row:>14}  {prompt}{completions[row][unfaithful[0]].replace(EOS, '')}" for row in rows]
+    return lines
 
 
 def plot_step_changes(cfg, results):

@@ -1199,8 +1199,9 @@ def test_wilcoxon_pvalue_against_a_slow_enumeration_and_known_values():
     assert experiments.wilcoxon_pvalue([0.0, 0.0, 2.0, -2.0]) == pytest.approx(1.0)  # zeros dropped, tie averaged
 
 
-def test_step_test_reads_a_grid_and_tests_each_arm_against_grpo(tmp_path, capsys):
+def test_step_test_reads_a_grid_and_tests_each_arm_against_grpo(tmp_path, capsys, monkeypatch):
     """--step_test on a hand-made chain summary: per-seed changes, the paired test, the collapse counts."""
+    monkeypatch.setattr(experiments, "unfaithful_example", lambda cfg, c, path, seed, rows: [f"seed {seed}"])
     start, grpo, oisd = [90, 88, 92, 85], [60, 86, 70, 84], [85, 80, 91, 83]
     per_seed = {str(s): {row: {"step_acc": v[i] / 100, "acc_L4": 0.5 + 0.01 * i, "avgk": 0.4}
                          for row, v in (("warm-up start", start), ("grpo", grpo), ("oisd", oisd))} for i, s in enumerate(range(4))}
@@ -1215,4 +1216,27 @@ def test_step_test_reads_a_grid_and_tests_each_arm_against_grpo(tmp_path, capsys
     assert r["arms"]["oisd"]["step"]["t"] == pytest.approx(diff.mean() / (sd / 2))
     assert r["arms"]["oisd"]["collapse"] == {"only_grpo": 2, "only_arm": 0, "sign_p": 0.5}  # seeds 0 and 2 lose > 10 under grpo
     assert r["missed"] == {"7": 0.1} and r["arms"]["oisd"]["greedy"]["mean"] == pytest.approx(0.0)
-    assert "Missed warm-ups (no RL): 7 (10.0%)" in (tmp_path / "step_test.md").read_text()
+    text = (tmp_path / "step_test.md").read_text()
+    assert "Missed warm-ups (no RL): 7 (10.0%)" in text and "seed 0 (grpo's largest loss" in text
+
+
+def test_step_test_runs_on_a_real_chain_grid(tmp_path, capsys):
+    """A tiny chain grid, then --step_test on it: the example is read from the grid's own checkpoints, and
+    a thread count without a warm-up cache is refused with one line."""
+    grid = [f"--out_dir={tmp_path}", "--arms=grpo,oisd:1", "--task=chain", "--digits=2", "--terms=3", "--sft_max_steps=6",
+            "--sft_eval_every=3", "--eval_size=8", "--eval_every=2", "--prompts_per_step=4", "--group_size=4",
+            "--n_layer=2", "--align_layers=1", "--probe_steps=2", "--avg_k=2", "--probe_batches=1", "--rl_steps=2",
+            "--seeds=0,1"]
+    experiments.main(grid)
+    capsys.readouterr()
+    experiments.main([f"--step_test={tmp_path}", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "oisd:1 - grpo, step accuracy** (n = 2)" in out and "right answers carry a wrong running sum" in out
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        with pytest.raises(SystemExit) as e:
+            experiments.main([f"--step_test={tmp_path}", f"--out_dir={tmp_path}"])
+        assert e.value.code == 2 and "OMP_NUM_THREADS" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
