@@ -794,8 +794,12 @@ def write_report(cfg):
              "|---|---|---|---|---|---|---|---|---|"]
     sections = []
     for path in cfg.report.split(","):
-        saved = json.load(open(os.path.join(path, "summary.json")))
-        c, summary = saved["config"], saved["summary"]
+        try:
+            with open(os.path.join(path, "summary.json")) as f:
+                saved = json.load(f)
+            c, summary = saved["config"], saved["summary"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt or not a summary: one line, exit 2
+            refuse(f"--report: cannot read {os.path.join(path, 'summary.json')} ({type(e).__name__}); run its grid again")
         setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
                    f"{c['n_layer']} layers")
         for arm, s in summary.items():

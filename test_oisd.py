@@ -901,6 +901,16 @@ def test_experiment_flags_are_checked(arg):
     assert e.value.code == 2
 
 
+def test_report_on_a_corrupt_summary_is_one_line(tmp_path, capsys):
+    """--report over a grid whose summary.json is corrupt (or not a summary) exits 2 with one line, no traceback."""
+    for text in ("{not json", "[1, 2]", '{"config": {}}'):
+        (tmp_path / "summary.json").write_text(text)
+        with pytest.raises(SystemExit) as e:
+            experiments.main([f"--report={tmp_path}", f"--out_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "summary.json" in err, err
+
+
 # ---------------------------------------------------------------- self-speculative decoding
 
 def disagreeing_model(seed, n_layer=4, vocab=15, sharpness=10.0, exit_noise=1.0):
