@@ -90,7 +90,7 @@ ARMS = {  # each arm is the config with these fields replaced
     "logit_only": dict(adv_weighting="signed", lambda_attn=0.0),
     "attn_only": dict(adv_weighting="signed", lambda_logit=0.0),
     "oisd_lens": dict(adv_weighting="signed", exit_norm="ln_f"),
-    # controls: GRPO with the exits trained by supervised cross-entropy, not by the teacher (exit_ce_loss);
+    # two controls: GRPO with its exits trained by cross-entropy instead of by the teacher (exit_ce_loss), and
     "grpo_ce_exits": dict(lambda_logit=0.0, lambda_attn=0.0, lambda_exit_ce=1.0),
     "sft_more": dict(),  # no RL at all: the warm-up continued for as long as grpo trained (continue_warmup)
 }
