@@ -29,10 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness import (MAX_GIB, ConfigError, Env, autocast, load_checkpoint, make_optimizer, now, preflight, refuse,
+                     stream_seed, warmup_path, write_atomic)
 from model import GPT, KVCache
-from oisd import (MAX_GIB, NO_LAYERS, Config, ConfigError, Env, arm_config, autocast, evaluate, layer_list, load_checkpoint,
-                  load_policy, make_optimizer, now, preflight, refuse, response_mask, rl_step, run_seed, sample_problems,
-                  setup, stream_seed, warmup, warmup_path)
+from oisd import (NO_LAYERS, Config, arm_config, evaluate, layer_list, load_policy, response_mask, rl_step, run_seed,
+                  sample_problems, setup, warmup)
+from speculative import speculative_generate
 from tasks import EOS
 
 
@@ -60,7 +62,7 @@ EXP_RANGES = dict(avg_k=(1, 1024), probe_steps=(0, 10**6), probe_lr=(1e-9, 10.0)
 
 
 def validate_experiment(cfg):
-    """The experiment flags; oisd.validate has checked the rest. Raises ConfigError."""
+    """The experiment flags; harness.validate has checked the rest. Raises ConfigError."""
     for key, (lo, hi) in EXP_RANGES.items():
         value = getattr(cfg, key)
         if not math.isfinite(value) or not lo <= value <= hi:
@@ -110,15 +112,6 @@ def trained_model(env, arm):
     model = GPT(env.model_config(arm_config(env.cfg, arm))).to(env.device)
     model.load_state_dict(ck["model"])
     return model.eval()
-
-
-def write_atomic(path, text):
-    """Write text to a temporary file of this process, then rename: a reader, or a run killed mid-write,
-    never sees a half-written file, and processes writing the same file do not share a temporary one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def model_digest(model):
@@ -233,7 +226,7 @@ def run_grid(cfg):
     With --skip_missed a seed whose warm-up misses sft_target_acc gets no RL and is only listed."""
     per_seed, missed, envs = {}, {}, seed_envs(cfg)
     for env in envs.values():  # every seed's checkpoints are checked before any seed trains
-        preflight(env)
+        preflight(env, arm_config)
     for seed, env in envs.items():
         print(f"\n=== seed {seed} ===")
         if cfg.skip_missed and (acc := missed_warmup(env)) is not None:
@@ -690,7 +683,7 @@ def time_speculative(env, model, problems, layer, max_draft):
     first = env.prompts([(problems[0][0], None)])
     for k in rows:  # untimed warm-up
         greedy_decode(model, first, env.max_new, env.eos_id)
-        model.speculative_generate(first, env.max_new, layer, k, eos_id=env.eos_id)
+        speculative_generate(model, first, env.max_new, layer, k, eos_id=env.eos_id)
     for i, (prompt, _) in enumerate(problems):
         idx = env.prompts([(prompt, None)])
         for k, row in rows.items():
@@ -699,7 +692,7 @@ def time_speculative(env, model, problems, layer, max_draft):
                 if which == "plain":
                     plain = greedy_decode(model, idx, env.max_new, env.eos_id)
                 else:
-                    out, stats = model.speculative_generate(idx, env.max_new, layer, k, eos_id=env.eos_id)
+                    out, stats = speculative_generate(model, idx, env.max_new, layer, k, eos_id=env.eos_id)
                 row[which].append(now(env.device) - t0)
             row["mismatches"] += not torch.equal(out, plain)
             row["stats"].append(stats)
@@ -712,11 +705,12 @@ def spec_layers(cfg):
 
 def speculative_code_digest():
     """A digest of the source of the code a speculative measurement runs (docstrings and comments
-    included: a conservative key): all of model.py and tasks.py, the measuring code here, and the timing,
-    autocast, prompt and seeding helpers of oisd.py, so that cached measurements are redone after a change
-    to any of them. Not covered: the rest of oisd.py that the probe uses (response_mask, make_optimizer,
-    Env's held-out split); delete the spec-*.json files after changing those."""
-    parts = (sys.modules[GPT.__module__], sys.modules[sample_problems.__module__], greedy_decode, time_speculative,
+    included: a conservative key): all of model.py, speculative.py and tasks.py, the measuring code here, and
+    the timing, autocast, prompt and seeding helpers of harness.py, so that cached measurements are redone
+    after a change to any of them. Not covered: the rest of oisd.py and harness.py that the probe uses
+    (response_mask, make_optimizer, Env's held-out split); delete the spec-*.json files after changing those."""
+    parts = (sys.modules[GPT.__module__], sys.modules[speculative_generate.__module__],
+             sys.modules[sample_problems.__module__], greedy_decode, time_speculative,
              pass_costs, predicted_speedup, measure_drafter, probe_exits, now, autocast, Env.prompts, stream_seed)
     return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:16]
 
@@ -866,8 +860,12 @@ def write_report(cfg):
              "|---|---|---|---|---|---|---|---|---|"]
     sections = []
     for path in cfg.report.split(","):
-        saved = json.load(open(os.path.join(path, "summary.json")))
-        c, summary = saved["config"], saved["summary"]
+        try:
+            with open(os.path.join(path, "summary.json")) as f:
+                saved = json.load(f)
+            c, summary = saved["config"], saved["summary"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt or not a summary: one line, exit 2
+            refuse(f"--report: cannot read {os.path.join(path, 'summary.json')} ({type(e).__name__}); run its grid again")
         setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
                    f"{c['n_layer']} layers")
         for arm, s in summary.items():

@@ -15,11 +15,12 @@ scaled_dot_product_attention kernel, and the attention probabilities of the laye
 computed beside it (in fp32) for the loss that needs them; the exit heads run in fp32 even under bf16
 autocast. So the sampler, plain GRPO and GRPO+OISD all compute the same log-probabilities (bit for bit
 on the CPU, eager, fp32 or bf16; elsewhere up to kernel rounding, which is then the same for every arm).
-generate() samples a batch with a KV cache; speculative_generate() decodes one sequence with the exit
-of an intermediate layer as the draft model and the full model as the verifier (exact).
+generate() samples a batch with a KV cache. Decoding with an exit as the draft model is in speculative.py.
 There is no dropout anywhere: RL needs the sampled policy and the trained policy to be the same function.
 """
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -104,7 +105,7 @@ class KVCache:
     """Keys and values of the positions seen so far, per layer 1..n_layer: (B, nh, T_seen, hs) each, grown
     by concatenation. It is differentiable, so a training forward can run a prompt once and share its keys
     and values with all the rollouts of that prompt (repeat_interleave), exactly as the sampler does.
-    Layers may hold different lengths for a while (the speculative decoder drafts with the lower ones)."""
+    Layers may hold different lengths for a while (speculative.py drafts with the lower ones)."""
 
     def __init__(self):
         self.k, self.v = {}, {}
@@ -248,104 +249,10 @@ class GPT(nn.Module):
                 logits = self(seq, stop_layer=n_layer)[0][:, -1]
         return seq, torch.stack(logprobs, 1)
 
-    @torch.inference_mode()
-    def speculative_generate(self, idx, max_new_tokens, draft_layer, n_draft, temperature=0.0, eos_id=None,
-                             generator=None):
-        """
-        Self-speculative decoding of one sequence: the exit head of `draft_layer` (blocks 1..l only) drafts
-        up to n_draft tokens, then blocks l+1..L run once over the drafted positions, starting from the
-        layer-l states the draft already computed, and the full model keeps the longest acceptable prefix
-        plus one token of its own. Exact: greedy gives generate(temperature=0)'s tokens; sampling gives
-        tokens distributed as the full model's (speculative_accept).
-        idx: (1, P). Returns tokens (1, P+R), like generate's (EOS included, nothing after it), and stats
-        {drafted, checked (drafts the rule looked at: up to and including the first rejected one), accepted,
-        passes (full-model passes over blocks l+1..L, the prompt's included), tokens}. The per-token
-        acceptance rate is accepted / checked; accepted / drafted also counts the drafts never looked at.
-        """
-        L, l = self.config.n_layer, draft_layer
-        if idx.size(0) != 1:
-            raise ValueError(f"speculative_generate decodes one sequence; got a batch of {idx.size(0)}")
-        if not 1 <= l < L or n_draft < 1 or max_new_tokens < 1:
-            raise ValueError(f"need 1 <= draft_layer < {L}, n_draft >= 1 and max_new_tokens >= 1, "
-                             f"got {l}, {n_draft} and {max_new_tokens}")
 
-        def choose(logits):  # (V,) logits -> a token and the fp32 probabilities it was drawn from (None if greedy)
-            if temperature == 0:
-                return int(logits.argmax()), None
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            return draw(probs, generator), probs
-
-        cache = KVCache()
-        out = [choose(self(idx, cache=cache)[0][0, -1])[0]]  # the prompt: a full pass
-        stats = dict(drafted=0, checked=0, accepted=0, passes=1)
-        # invariant: the cache holds every position but the newest token's, out[-1]
-        while len(out) < max_new_tokens and out[-1] != eos_id:
-            n = min(n_draft, max_new_tokens - len(out) - 1)  # the last new token is always the full model's
-            drafts, draft_probs, states, tok = [], [], [], out[-1]
-            for i in range(n + 1):  # blocks 1..l on the newest token, then on each draft that needs checking
-                x = self.embed(idx.new_tensor([[tok]]), cache.length(1))
-                for layer in range(1, l + 1):
-                    x = self.block(layer)(x, cache)[0]
-                states.append(x)  # (1, 1, C): layer l at this position
-                if i == n:
-                    break
-                tok, probs = choose(self.exit_logits(x, l)[0, -1])
-                drafts.append(tok)
-                draft_probs.append(probs)
-                if tok == eos_id:  # nothing follows EOS: no bonus position to verify
-                    break
-            start = cache.length(L)  # the position of out[-1]
-            x = torch.cat(states, dim=1)  # (1, m, C), m = len(drafts) or len(drafts) + 1
-            for layer in range(l + 1, L + 1):
-                x = self.block(layer)(x, cache)[0]
-            logits = self.exit_logits(x, L)[0]  # (m, V): the full model at each position
-            if temperature == 0:  # speculative_accept on one-hot distributions, without building them: the
-                best = logits.argmax(-1).tolist()  # drafts the full model would have chosen, then its own token
-                n_ok = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
-                last = best[n_ok] if n_ok < len(best) else None
-            else:
-                target = F.softmax(logits.float() / temperature, dim=-1)
-                n_ok, last = speculative_accept(target, torch.stack(draft_probs) if drafts else target[:0], drafts,
-                                                generator)
-            out += drafts[:n_ok] + ([] if last is None else [last])
-            cache.truncate(start + 1 + n_ok)  # positions start..start+n_ok: the old newest token and the accepted
-            # drafts; `last` (now out[-1]) is not in the cache, so the invariant holds again
-            stats["drafted"] += len(drafts)
-            stats["checked"] += n_ok + (n_ok < len(drafts))
-            stats["accepted"] += n_ok
-            stats["passes"] += 1
-        if eos_id is not None and eos_id in out:
-            out = out[: out.index(eos_id) + 1]
-        stats["tokens"] = len(out)
-        return torch.cat([idx, idx.new_tensor([out])], dim=1), stats
-
-
-def speculative_accept(target, draft, tokens, generator=None):
-    """
-    The exact acceptance rule of speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
-    target: (m, V) probabilities of the full model at the m verified positions; draft: (k, V) the
-    probabilities each drafted token was sampled from; tokens: the k drafted token ids; m is k, or k+1
-    when the position after the last draft was verified too (a bonus token is possible).
-    Token i is accepted with probability min(1, target[i, x] / draft[i, x]); at the first rejection the
-    replacement is drawn from the normalised residual max(0, target[i] - draft[i]) and the rest is
-    dropped; if all k are accepted, a bonus token is drawn from target[k] when it exists.
-    With one-hot distributions (greedy) this is: the longest prefix the full model agrees with, then
-    the full model's own token. Returns (number accepted, the full model's token or None).
-    """
-    for i, x in enumerate(tokens):
-        ratio = target[i, x] / draft[i, x]
-        if ratio >= 1:
-            continue  # the full model likes this token at least as much as the draft did: always accepted
-        if ratio == 0 or torch.rand((), generator=generator, device=target.device) >= ratio:  # rejected
-            residual = (target[i] - draft[i]).clamp_min(0)
-            return i, draw(residual / residual.sum(), generator)
-    if target.size(0) > len(tokens):
-        return len(tokens), draw(target[len(tokens)], generator)
-    return len(tokens), None
-
-
-def draw(probs, generator=None):
-    """One token id from probs (V,); a one-hot distribution (greedy) gives its token without using the generator."""
-    if probs.max() == 1:
-        return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+def logit_lens(model):
+    """A copy of the model whose exit heads all read through the trained ln_f (the logit lens), for a
+    fair look at arms whose own exit norms were never trained (every arm without alignment)."""
+    lens = copy.deepcopy(model)
+    lens.config = dataclasses.replace(model.config, exit_norm="ln_f")
+    return lens

@@ -21,15 +21,23 @@ import torch
 import torch.nn.functional as F
 
 import experiments
+import harness
 import oisd
+import speculative
 import tasks
 from model import GPT, GPTConfig, KVCache
 from oisd import (Config, alignment_weights, attention_alignment_loss, group_advantages, grpo_loss,
                   js_divergence, logit_alignment_loss, masked_mean, response_mask, rl_loss, safe_log,
                   token_logprobs)
+from speculative import speculative_accept, speculative_generate
 from tasks import EOS, get_tokenizer, heldout_keys, heldout_split, make_task, sample_problems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv):
+    """oisd.py's config from its flags, checked, as oisd.setup parses it (without printing or exiting)."""
+    return harness.parse_args(argv, Config, "oisd.py", **oisd.METHOD)
 
 
 def tiny_model(exit_norm="own", seed=0, n_layer=3):
@@ -288,6 +296,15 @@ def test_shared_prompt_forward_equals_full_forward():
     cache.repeat_interleave(3)
     grad_shared = torch.autograd.grad(model(tails, cache=cache)[0].square().sum(), model.transformer.wpe.weight)[0]
     torch.testing.assert_close(grad_shared, grad_full, atol=1e-5, rtol=1e-4)
+    # rl_loss runs the rollouts through forward_responses, which is this trick: the full forward's rows at the
+    # positions that predict response tokens (the prompt's last position on), for 3 rollouts of one prompt
+    cfg = Config(n_layer=3, align_layers="1", group_size=3)
+    logits, exits, attns = model(full_in[:, :-1], exit_layers=(1,), attn_layers=(1, 3))
+    r_logits, r_exits, r_attns = oisd.forward_responses(cfg, model, full_in, 4)
+    torch.testing.assert_close(r_logits, logits[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_exits[1], exits[1][:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_attns[1], attns[1][:, :, 3:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r_attns[3], attns[3][:, :, 3:], atol=1e-6, rtol=1e-5)
 
 
 def test_exit_heads():
@@ -438,7 +455,7 @@ def test_arm_config():
     grpo = oisd.arm_config(Config(), "grpo")
     assert grpo.lambda_logit == 0 and grpo.lambda_attn == 0
     assert oisd.arm_config(Config(), "oisd_lens").exit_norm == "ln_f"
-    assert oisd.parse_args(["--arms=grpo,oisd_pos:1+2+3,sft_more"]).arms == "grpo,oisd_pos:1+2+3,sft_more"
+    assert parse_args(["--arms=grpo,oisd_pos:1+2+3,sft_more"]).arms == "grpo,oisd_pos:1+2+3,sft_more"
 
 
 def test_summarize_paired_difference_interval():
@@ -533,7 +550,7 @@ def test_checkpoint_without_the_expected_keys_is_one_clear_line(tmp_path):
     path = str(tmp_path / "grpo.pt")
     torch.save({"model": {}}, path)
     with pytest.raises(SystemExit, match="lacks optimizer, step"):
-        oisd.load_checkpoint(path, "cpu", ("model", "optimizer", "step"))
+        harness.load_checkpoint(path, "cpu", ("model", "optimizer", "step"))
 
 
 # ---------------------------------------------------------------- validity: numerics, streams, paths never run
@@ -580,7 +597,7 @@ def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path, monkeypatc
             torch.manual_seed(0)
             models[name] = GPT(env.model_config(cfg))
         before = counters["stats"]["unique_graphs"]
-        forward, seconds = oisd.compile_forward(env, cfg, models["compiled"])
+        forward, seconds = harness.compile_forward(env, cfg, models["compiled"], oisd.rl_loss)
         graphs = counters["stats"]["unique_graphs"]
         assert graphs > before, arm  # compiled, not fallen back to eager
         assert seconds > 0 and all(p.grad is None for p in models["compiled"].parameters())
@@ -680,14 +697,14 @@ def test_nonfinite_weights_stop_the_run_with_step_and_term(tmp_path, monkeypatch
         opt.step = bad_step
         return opt
 
-    env = oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=3"]))
+    env = oisd.Env(parse_args(SMOKE + [f"--out_dir={tmp_path}", "--rl_steps=3"]))
     oisd.warmup(env)  # cached, unpoisoned
     monkeypatch.setattr(oisd, "make_optimizer", poisoned)
     with pytest.raises(SystemExit) as e:
         oisd.run_seed(env)
     assert "oisd_pos step 1: the weights" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
-        oisd.run_seed(oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path / 'new'}"])))
+        oisd.run_seed(oisd.Env(parse_args(SMOKE + [f"--out_dir={tmp_path / 'new'}"])))
     assert "warm-up step 1: the weights" in str(e.value.code)
 
 
@@ -711,7 +728,7 @@ def test_help_lists_every_flag_with_type_default_and_meaning(capsys):
             line = next(l for l in out.splitlines() if l.strip().startswith(f"--{f.name} "))
             assert type(f.default).__name__ in line, line
         assert "(default: 0.0001)" in out and "stage 2: GRPO:" in out
-    groups = [title for title, _ in oisd.field_groups(experiments.ExpConfig)]
+    groups = [title for title, _ in harness.field_groups(experiments.ExpConfig)]
     assert groups[0] == "run" and groups[-1] == "experiments"
 
 
@@ -748,11 +765,11 @@ def test_sft_more_retrains_when_the_grpo_budget_changes(tmp_path, capsys):
 
 
 def test_warmup_cache_is_keyed_on_what_changes_the_weights(tmp_path):
-    env = oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path}"]))
-    key = oisd.warmup_key(env)
+    env = oisd.Env(parse_args(SMOKE + [f"--out_dir={tmp_path}"]))
+    key = harness.warmup_key(env)
     assert {"device", "precision", "threads", "torch", "seed", "sft_lr"} <= set(key)
-    bf16 = oisd.Env(oisd.parse_args(SMOKE + [f"--out_dir={tmp_path}", "--precision=bf16"]))
-    assert oisd.warmup_key(bf16) != key
+    bf16 = oisd.Env(parse_args(SMOKE + [f"--out_dir={tmp_path}", "--precision=bf16"]))
+    assert harness.warmup_key(bf16) != key
     oisd.warmup(env)
     path = next(tmp_path.glob("warmup-*.pt"))
     ck = torch.load(path, weights_only=True)
@@ -884,6 +901,16 @@ def test_experiment_flags_are_checked(arg):
     assert e.value.code == 2
 
 
+def test_report_on_a_corrupt_summary_is_one_line(tmp_path, capsys):
+    """--report over a grid whose summary.json is corrupt (or not a summary) exits 2 with one line, no traceback."""
+    for text in ("{not json", "[1, 2]", '{"config": {}}'):
+        (tmp_path / "summary.json").write_text(text)
+        with pytest.raises(SystemExit) as e:
+            experiments.main([f"--report={tmp_path}", f"--out_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "summary.json" in err, err
+
+
 # ---------------------------------------------------------------- self-speculative decoding
 
 def disagreeing_model(seed, n_layer=4, vocab=15, sharpness=10.0, exit_noise=1.0):
@@ -912,7 +939,7 @@ def test_speculative_greedy_equals_plain_greedy():
                 plain, _ = model.generate(idx, 14, temperature=0, eos_id=eos)
                 for layer in (1, 2, 3):
                     for k in (1, 3, 6):
-                        out, stats = model.speculative_generate(idx, 14, layer, k, eos_id=eos)
+                        out, stats = speculative_generate(model, idx, 14, layer, k, eos_id=eos)
                         assert torch.equal(out, plain), (seed, prompt_seed, eos, layer, k)
                         assert stats["tokens"] == plain.size(1) - 5 and stats["accepted"] <= stats["drafted"]
                         disagreements.append(1 - stats["accepted"] / max(stats["drafted"], 1))
@@ -926,16 +953,16 @@ def test_speculative_eos_inside_the_accepted_prefix_and_max_new_tokens_mid_draft
     plain, _ = model.generate(idx, 12, temperature=0)
     tokens = plain[0, 5:].tolist()
     eos = tokens[3]  # declare the 4th generated token to be EOS: the output must stop right after it
-    out, _ = model.speculative_generate(idx, 12, 3, 6, eos_id=eos)
+    out, _ = speculative_generate(model, idx, 12, 3, 6, eos_id=eos)
     expect, _ = model.generate(idx, 12, temperature=0, eos_id=eos)
     assert torch.equal(out, expect) and out[0, -1] == eos and out.size(1) <= 5 + 4
     for max_new in (1, 2, 3, 7):  # the budget runs out inside a draft
-        out, stats = model.speculative_generate(idx, max_new, 3, 6)
+        out, stats = speculative_generate(model, idx, max_new, 3, 6)
         assert torch.equal(out, plain[:, : 5 + max_new]) and stats["tokens"] == max_new
     with pytest.raises(ValueError, match="one sequence"):
-        model.speculative_generate(idx.repeat(2, 1), 4, 2, 2)
+        speculative_generate(model, idx.repeat(2, 1), 4, 2, 2)
     with pytest.raises(ValueError):
-        model.speculative_generate(idx, 4, 4, 2)
+        speculative_generate(model, idx, 4, 4, 2)
 
 
 def exact_three_token_distribution(model, idx, temperature):
@@ -986,16 +1013,15 @@ def test_speculative_sampling_matches_the_model_distribution(rule, monkeypatch):
     first is accepted). Their joint law with token 1 over 1500
     seeded samples must pass a chi-square test against the model's exact law; the same test must catch
     the two wrong rules."""
-    import model as model_module
     if rule != "exact":
-        monkeypatch.setattr(model_module, "speculative_accept", globals()[f"wrong_{rule}"])
+        monkeypatch.setattr(speculative, "speculative_accept", globals()[f"wrong_{rule}"])
     model = disagreeing_model(2, n_layer=3, vocab=4, sharpness=3.0, exit_noise=3.0)
     idx = torch.tensor([[1, 2, 0]])
     probs = exact_three_token_distribution(model, idx, temperature=1.0)
     gen = torch.Generator().manual_seed(0)
     counts = np.zeros(64)
     for _ in range(1500):
-        out, _ = model.speculative_generate(idx, 4, 1, 2, temperature=1.0, generator=gen)
+        out, _ = speculative_generate(model, idx, 4, 1, 2, temperature=1.0, generator=gen)
         a, b, c = out[0, 3:6].tolist()
         counts[16 * a + 4 * b + c] += 1
     assert chi_square_rejects(counts, probs) == (rule != "exact")
@@ -1009,21 +1035,16 @@ def test_speculative_accept_rule_reproduces_the_target_distribution():
     counts = np.zeros(4)
     for _ in range(20000):
         x = int(torch.multinomial(q[0], 1, generator=gen))
-        n_ok, last = model_speculative_accept(p[:1], q, [x], gen)
+        n_ok, last = speculative_accept(p[:1], q, [x], gen)
         counts[x if n_ok == 1 else last] += 1
     assert not chi_square_rejects(counts, p[0].numpy())
-    assert model_speculative_accept(p, q, [0], gen)[0] == 1  # p/q = 5 >= 1: always accepted, then a bonus
-
-
-def model_speculative_accept(*args):
-    import model as model_module
-    return model_module.speculative_accept(*args)
+    assert speculative_accept(p, q, [0], gen)[0] == 1  # p/q = 5 >= 1: always accepted, then a bonus
 
 
 def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulation():
     model = disagreeing_model(1)
     idx = torch.randint(0, 13, (1, 5), generator=torch.Generator().manual_seed(3))
-    _, stats = model.speculative_generate(idx, 14, 2, 6)
+    _, stats = speculative_generate(model, idx, 14, 2, 6)
     assert stats["accepted"] <= stats["checked"] <= stats["drafted"] and stats["passes"] >= 2
     # the prediction's bookkeeping against a plain Monte-Carlo simulation of the same process
     costs = {"prefill": 5.0, "full": 2.0, "draft": 0.5, "verify": [1.5 + 0.1 * m for m in range(1, 6)]}
@@ -1114,8 +1135,8 @@ def test_speculative_measurements_are_cached_per_seed_and_collected(tmp_path, ca
     measured = [dict(arm="grpo", drafter=d, **m) for d, m in zip(("as trained", "probe"), measured)]
     assert isinstance(measured[0]["costs"]["verify"], list) and isinstance(measured[0]["by_k"], list)
     capsys.readouterr()
-    real, timed = GPT.speculative_generate, set()
-    monkeypatch.setattr(GPT, "speculative_generate", lambda *a, **k: pytest.fail("re-timed"))
+    real, timed = speculative_generate, set()
+    monkeypatch.setattr(experiments, "speculative_generate", lambda *a, **k: pytest.fail("re-timed"))
     experiments.main(grid + spec + ["--seeds=0,1"])  # both seeds from their caches, one table
     out = capsys.readouterr().out
     assert "| grpo | as trained | L1 | 2 |" in out and "| grpo | probe | L1 | 2 |" in out
@@ -1127,7 +1148,7 @@ def test_speculative_measurements_are_cached_per_seed_and_collected(tmp_path, ca
     def recording(model, idx, max_new, layer, k, **kw):
         timed.add((max_new, layer, k))
         return real(model, idx, max_new, layer, k, **kw)
-    monkeypatch.setattr(GPT, "speculative_generate", recording)
+    monkeypatch.setattr(experiments, "speculative_generate", recording)
     experiments.main(grid + spec + ["--seeds=0", "--max_new_tokens=5"])
     assert timed == {(5, 1, 1)}, timed  # (max_new, exit, k): the new max_new re-timed
     experiments.main(grid + spec[:2] + ["--spec_max_draft=2", "--spec_layers=1", "--seeds=0", "--max_new_tokens=5"])
