@@ -114,6 +114,8 @@ class KVCache:
         return self.k[layer].size(2) if layer in self.k else 0
 
     def append(self, layer, k, v):
+        """k, v: (B, nh, T_new, hs), the new positions of `layer`. Stores them after the ones already held and
+        returns that layer's keys and values so far: (B, nh, T_seen + T_new, hs) each."""
         if layer in self.k:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v

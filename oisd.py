@@ -1,7 +1,7 @@
 """
 OISD: On-Policy Internal Self-Distillation (arXiv 2605.29089), at a scale a laptop can run.
 
-    python oisd.py          # warm-up, then GRPO vs GRPO+OISD vs GRPO+OISD(positive), ~3 min on 2 CPU cores
+    python oisd.py          # warm-up, then GRPO vs GRPO+OISD vs GRPO+OISD(positive), ~2 min on 2 CPU cores
     python oisd.py --help   # every flag, its type, default and meaning
 
 Stage 1 (warm-up): supervised next-token training on worked solutions, stopped as soon as greedy accuracy
@@ -213,8 +213,8 @@ def logit_alignment_loss(student_logits, teacher_logits, weights, mask, reductio
     (N, R, V) final-layer logits (p_L). Only the teacher's outputs are detached, its weights are not frozen:
     the final layer still trains through L_GRPO, and this term's gradient reaches the exit norm, blocks
     1..l, wpe and the tied wte/lm_head. weights: (N,) per rollout (see alignment_weights); mask: (N, R).
-    Per position: weight * JSD(p_L, p_l) (teacher, student), both at temperature 1 (not the sampling one);
-    masked_mean."""
+    Per position: weight * JSD(p_l, p_L) (student, teacher; JSD is symmetric), both at temperature 1 (not
+    the sampling one); masked_mean."""
     jsd = js_divergence(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1))
     return masked_mean(weights.unsqueeze(1) * jsd, mask, reduction)
 

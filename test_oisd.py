@@ -1028,17 +1028,18 @@ def test_speculative_sampling_matches_the_model_distribution(rule, monkeypatch):
 
 
 def test_speculative_accept_rule_reproduces_the_target_distribution():
-    """The acceptance rule alone, with one draft drawn from q: the token it keeps follows p exactly."""
-    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
-    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    """The acceptance rule alone, with one draft drawn from the draft distribution: the token it keeps
+    follows the target distribution exactly."""
+    target = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])  # p_L, one row per checked position
+    draft = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # p_l
     gen = torch.Generator().manual_seed(0)
     counts = np.zeros(4)
     for _ in range(20000):
-        x = int(torch.multinomial(q[0], 1, generator=gen))
-        n_ok, last = speculative_accept(p[:1], q, [x], gen)
+        x = int(torch.multinomial(draft[0], 1, generator=gen))
+        n_ok, last = speculative_accept(target[:1], draft, [x], gen)
         counts[x if n_ok == 1 else last] += 1
-    assert not chi_square_rejects(counts, p[0].numpy())
-    assert speculative_accept(p, q, [0], gen)[0] == 1  # p/q = 5 >= 1: always accepted, then a bonus
+    assert not chi_square_rejects(counts, target[0].numpy())
+    assert speculative_accept(target, draft, [0], gen)[0] == 1  # p_L/p_l = 5 >= 1: always accepted, then a bonus
 
 
 def test_speculative_counts_checked_drafts_and_the_prediction_matches_a_simulation():
@@ -1261,3 +1262,38 @@ def test_step_test_runs_on_a_real_chain_grid(tmp_path, capsys):
         assert e.value.code == 2 and "OMP_NUM_THREADS" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_alignment_terms_match_a_numpy_loop():
+    """Both OISD terms against a plain loop in numpy: weight * JSD per position (over the vocabulary, or
+    over keys averaged over heads), masked, reduced per token or per sequence."""
+    gen = torch.Generator().manual_seed(0)
+    N, R, V, H, K = 3, 5, 7, 2, 6
+    student, teacher = torch.randn(N, R, V, generator=gen), torch.randn(N, R, V, generator=gen)
+    s_attn = torch.softmax(torch.randn(N, H, R, K, generator=gen), -1)
+    t_attn = torch.softmax(torch.randn(N, H, R, K, generator=gen), -1)
+    s_attn[..., -1] = 0.0  # an exactly-zero probability, as a causal mask gives
+    weights = torch.tensor([0.7, -1.2, 0.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
+
+    def jsd(p, q):
+        m = (p + q) / 2
+        kl = lambda a, b: sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+        return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+    def reduce(per_pos, reduction):
+        rows = [[per_pos[i][t] for t in range(R) if mask[i, t]] for i in range(N)]
+        if reduction == "token":
+            return sum(map(sum, rows)) / sum(map(len, rows))
+        return float(np.mean([sum(r) / len(r) for r in rows]))
+
+    sp, tp = torch.softmax(student, -1).double().numpy(), torch.softmax(teacher, -1).double().numpy()
+    sa, ta = s_attn.double().numpy(), t_attn.double().numpy()
+    logit = [[weights[i].item() * jsd(sp[i, t], tp[i, t]) for t in range(R)] for i in range(N)]
+    attn = [[weights[i].item() * np.mean([jsd(sa[i, h, t], ta[i, h, t]) for h in range(H)]) for t in range(R)]
+            for i in range(N)]
+    for reduction in ("token", "sequence"):
+        assert logit_alignment_loss(student, teacher, weights, mask, reduction).item() == pytest.approx(
+            reduce(logit, reduction), abs=1e-6)
+        assert attention_alignment_loss(s_attn, t_attn, weights, mask, reduction).item() == pytest.approx(
+            reduce(attn, reduction), abs=1e-6)
