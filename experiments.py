@@ -14,6 +14,7 @@ are skipped.
 """
 
 import dataclasses
+import glob
 import hashlib
 import inspect
 import json
@@ -212,12 +213,16 @@ def measure_arm(env, arm):
 # -----------------------------------------------------------------------------
 # The grid
 
-def missed_warmup(env):
-    """The warm-up's validation accuracy if it missed sft_target_acc, else None (trains it if not cached)."""
+def warmup_val_acc(env):
+    """The warm-up's final validation accuracy (trains the warm-up if it is not cached). A seed's warm-up is
+    never made twice under --skip_missed: if out_dir holds a warm-up made with other settings (another
+    thread count, say), a second one could reach the target where the first missed, so this refuses."""
     os.makedirs(env.cfg.out_dir, exist_ok=True)
+    if not os.path.exists(warmup_path(env)) and glob.glob(os.path.join(env.cfg.out_dir, "warmup-*.pt")):
+        refuse(f"{env.cfg.out_dir} holds a warm-up made with other settings (OMP_NUM_THREADS, device, precision?); "
+               "--skip_missed never makes a seed's warm-up twice: use the settings it was made with, or another --out_dir")
     warmup(env)
-    acc = load_checkpoint(warmup_path(env), env.device, ("val_acc",))["val_acc"]
-    return acc if acc < env.cfg.sft_target_acc else None
+    return float(load_checkpoint(warmup_path(env), env.device, ("val_acc",))["val_acc"])
 
 
 def run_grid(cfg):
@@ -229,22 +234,28 @@ def run_grid(cfg):
         preflight(env, arm_config)
     for seed, env in envs.items():
         print(f"\n=== seed {seed} ===")
-        if cfg.skip_missed and (acc := missed_warmup(env)) is not None:
+        acc = warmup_val_acc(env) if cfg.skip_missed else None
+        if acc is not None and acc < cfg.sft_target_acc:
             missed[seed] = acc
             print(f"seed {seed}: warm-up missed ({acc:.1%} < {cfg.sft_target_acc:.0%}); no RL (--skip_missed)")
             continue
         rows = run_seed(env)
         per_seed[seed] = {arm: dict(ev, **measure_arm(env, arm)) for arm, ev in rows.items()}
+        if acc is not None:
+            per_seed[seed]["warm-up start"]["warmup_val_acc"] = acc
     missed_line = ("Seeds whose warm-up missed, with no RL: " + ", ".join(f"{s} ({a:.1%})" for s, a in missed.items())
                    + ".\n\n") if missed else ""
     if not per_seed:
         print("\n" + missed_line + "No seed reached the warm-up target: nothing to summarise.")
+        write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(
+            {"config": dataclasses.asdict(cfg), "per_seed": {}, "summary": {}, "missed": missed}, indent=1))
+        write_atomic(os.path.join(cfg.out_dir, "summary.md"), missed_line)
         return
     arms = cfg.arms.split(",")
     summary = summarize(per_seed, cfg.n_layer)
     shown = sorted({l for arm in arms if arm.partition(":")[0] not in NO_LAYERS
                     for l in layer_list(arm_config(cfg, arm))})
-    text = (f"{len(per_seed)} seeds ({cfg.seeds}); held-out problems: {cfg.eval_size}; K = {cfg.avg_k}.\n\n"
+    text = (f"{len(per_seed)} seeds ({','.join(map(str, per_seed)) if missed else cfg.seeds}); held-out problems: {cfg.eval_size}; K = {cfg.avg_k}.\n\n"
             + missed_line + "Final layer, greedy and sampled:\n\n" + final_table(summary, cfg.avg_k)
             + "\n\nExits (%), each as trained / through the trained ln_f (lens) / after the post-hoc probe "
             f"({cfg.probe_steps} steps): held-out greedy accuracy, and the exit's top-1 agreement with the final layer "
@@ -329,8 +340,9 @@ def t_pvalue(t, df):
 def wilcoxon_pvalue(diff):
     """Two-sided exact p-value of the Wilcoxon signed-rank test: zero differences dropped, tied |d| given
     their average rank, and every one of the 2^n sign patterns enumerated (n <= 20). The statistic is the
-    sum of the positive ranks; p = P(|W+ - n(n+1)/4| >= observed) under random signs."""
-    d = np.asarray(diff, dtype=float)
+    sum of the positive ranks; p = P(|W+ - n(n+1)/4| >= observed) under random signs. Differences are
+    rounded to 9 decimals first, so that 13.6 computed two ways is one tie."""
+    d = np.round(np.asarray(diff, dtype=float), 9)  # differences equal up to float rounding are ties
     d = d[d != 0]
     n = len(d)
     if n == 0:
@@ -350,11 +362,14 @@ def wilcoxon_pvalue(diff):
 
 def paired_test(diff):
     """diff: (n,) paired differences, n >= 2 -> the mean with its 95% t-interval, the t statistic and its
-    two-sided p, the exact Wilcoxon signed-rank p, and the minimum detectable effect (80% power)."""
-    mean, lo, hi, sd = paired_interval(diff)
+    two-sided p, the exact Wilcoxon signed-rank p, and the minimum detectable effect (80% power). With
+    every difference equal (sd 0) t and p are undefined: NaN."""
     n = len(diff)
-    t = mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return dict(n=n, mean=mean, lo=lo, hi=hi, sd=sd, t=t, p=t_pvalue(t, n - 1) if math.isfinite(t) else float(t == 0),
+    if n < 2:
+        raise ValueError("a paired test needs at least 2 pairs")
+    mean, lo, hi, sd = paired_interval(diff)
+    t = mean / (sd / math.sqrt(n)) if sd > 0 else math.nan
+    return dict(n=n, mean=mean, lo=lo, hi=hi, sd=sd, t=t, p=t_pvalue(t, n - 1) if sd > 0 else math.nan,
                 p_wilcoxon=wilcoxon_pvalue(diff), mde=min_detectable_effect(sd, n))
 
 
@@ -846,6 +861,24 @@ def speculative_table(results):
 # -----------------------------------------------------------------------------
 # RESULTS.md
 
+def headline_rows(c, summary):
+    """A grid's config and summary -> (its setting in words, its rows of the headline table)."""
+    setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
+               f"{c['n_layer']} layers")
+    rows = []
+    for arm, s in summary.items():
+        if arm == "warm-up start":
+            continue
+        layers = layer_list(arm_config(ExpConfig(**c), arm))
+        probe = ", ".join(f"L{l} {pct(s.get(f'probe_acc_L{l}', math.nan))}" for l in layers)
+        paper = (f"+{pct(s['avgk_paper_effect'])} ({s['avgk_seeds_needed']:.0f})"
+                 if "avgk_paper_effect" in s and not math.isnan(s["avgk_seeds_needed"]) else
+                 (f"+{pct(s['avgk_paper_effect'])} (>1000)" if "avgk_paper_effect" in s else ""))
+        rows.append(f"| {setting} | {s['n']:.0f} | {arm} | {pct(s['final_mean'])} | {diff_cell(s, 'final')} | "
+                    f"{pct(s['avgk_mean'])} | {diff_cell(s, 'avgk')} | {paper} | {probe} |")
+    return setting, rows
+
+
 def write_report(cfg):
     """RESULTS.md: a headline table across the grids named by --report (one row per setting and arm:
     paired differences to grpo in greedy accuracy and Avg@K, with intervals and minimum detectable
@@ -863,21 +896,10 @@ def write_report(cfg):
         try:
             with open(os.path.join(path, "summary.json")) as f:
                 saved = json.load(f)
-            c, summary = saved["config"], saved["summary"]
-        except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt or not a summary: one line, exit 2
+            setting, rows = headline_rows(saved["config"], saved["summary"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # corrupt or not a summary: one line
             refuse(f"--report: cannot read {os.path.join(path, 'summary.json')} ({type(e).__name__}); run its grid again")
-        setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
-                   f"{c['n_layer']} layers")
-        for arm, s in summary.items():
-            if arm == "warm-up start":
-                continue
-            layers = layer_list(arm_config(ExpConfig(**c), arm))
-            probe = ", ".join(f"L{l} {pct(s.get(f'probe_acc_L{l}', math.nan))}" for l in layers)
-            paper = (f"+{pct(s['avgk_paper_effect'])} ({s['avgk_seeds_needed']:.0f})"
-                     if "avgk_paper_effect" in s and not math.isnan(s["avgk_seeds_needed"]) else
-                     (f"+{pct(s['avgk_paper_effect'])} (>1000)" if "avgk_paper_effect" in s else ""))
-            lines.append(f"| {setting} | {s['n']:.0f} | {arm} | {pct(s['final_mean'])} | {diff_cell(s, 'final')} | "
-                         f"{pct(s['avgk_mean'])} | {diff_cell(s, 'avgk')} | {paper} | {probe} |")
+        lines += rows
         body = open(os.path.join(path, "summary.md")).read()
         spec = os.path.join(path, "speculative.md")
         if os.path.exists(spec):
@@ -900,22 +922,17 @@ def step_test(cfg):
     arm's change against grpo's, one point per seed."""
     out, lines = {}, []
     for path in cfg.step_test.split(","):
-        saved = read_cache(os.path.join(path, "summary.json"))
-        if not saved.get("per_seed"):
-            refuse(f"--step_test: {path}/summary.json holds no seeds")
-        per_seed, missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
-        seeds = list(per_seed)
-        if "step_acc" not in per_seed[seeds[0]]["grpo"]:
-            refuse(f"--step_test: {path} has no step accuracy (a chain-task grid with grpo is needed)")
-        L, rows = c["n_layer"], list(per_seed[seeds[0]])
+        per_seed, missed, c = read_step_grid(path)
+        seeds, L, rows = list(per_seed), c["n_layer"], list(per_seed[next(iter(per_seed))])
         arms = [r for r in rows if r not in ("warm-up start", "grpo")]
         lines += [f"## {path}: chain, {c['terms']} terms of {c['digits']} digits, {L} layers, {len(seeds)} seeds",
                   "", f"Missed warm-ups (no RL): {', '.join(f'{s} ({a:.1%})' for s, a in missed.items()) or 'none'}.", "",
                   "Greedy step accuracy (%) per seed, and its change from the warm-up start (points):", "",
                   "| seed | " + " | ".join(rows) + " | " + " | ".join(f"{r} change" for r in rows[1:])
                   + " | " + " | ".join(f"{a} - grpo" for a in arms) + " |", "|---" * (2 * len(rows) + len(arms)) + "|"]
-        step = {r: np.array([100 * per_seed[s][r]["step_acc"] for s in seeds]) for r in rows}
-        change = {r: step[r] - step["warm-up start"] for r in rows}
+        # in points, rounded so that equal counts are equal numbers (ties, and the 10-point collapse line)
+        step = {r: np.round([100 * per_seed[s][r]["step_acc"] for s in seeds], 6) for r in rows}
+        change = {r: np.round(step[r] - step["warm-up start"], 6) for r in rows}
         for i, s in enumerate(seeds):
             lines.append(f"| {s} | " + " | ".join(f"{step[r][i]:.1f}" for r in rows) + " | "
                          + " | ".join(f"{change[r][i]:+.1f}" for r in rows[1:]) + " | "
@@ -928,7 +945,7 @@ def step_test(cfg):
             lines.append(f"| {r} | {step[r].mean():.1f} | {ch['mean']:+.1f} [{ch['lo']:+.1f}, {ch['hi']:+.1f}] | "
                          f"{int((change[r] < -10).sum())} of {len(seeds)} |")
         for a in arms:
-            test = paired_test(step[a] - step["grpo"])
+            test = paired_test(np.round(step[a] - step["grpo"], 6))
             only_grpo, only_arm = int(((change["grpo"] < -10) & (change[a] >= -10)).sum()), int(((change[a] < -10) & (change["grpo"] >= -10)).sum())
             sign_p = min(1.0, 2 * sum(math.comb(only_grpo + only_arm, k) for k in range(min(only_grpo, only_arm) + 1))
                          / 2 ** (only_grpo + only_arm)) if only_grpo + only_arm else 1.0
@@ -955,18 +972,39 @@ def step_test(cfg):
     plot_step_changes(cfg, out)
 
 
+def read_step_grid(path):
+    """path/summary.json of a chain grid run with --skip_missed -> (per_seed, missed, config), or exit 2 with
+    one line if it is not one: at least 2 and at most 20 seeds, the same rows on every seed, grpo and the
+    warm-up start among them, step accuracy measured, and every included seed's warm-up at its target."""
+    try:
+        saved = json.load(open(os.path.join(path, "summary.json")))
+        per_seed, missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
+        rows = list(per_seed[next(iter(per_seed))]) if per_seed else []
+        ok = (2 <= len(per_seed) <= 20 and {"grpo", "warm-up start"} <= set(rows) and c["task"] == "chain"
+              and all(list(r) == rows and all("step_acc" in m for m in r.values()) for r in per_seed.values()))
+        reached = c["skip_missed"] and all(r["warm-up start"].get("warmup_val_acc", -1) >= c["sft_target_acc"]
+                                           for r in per_seed.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        refuse(f"--step_test: {path}/summary.json is not a grid summary ({type(e).__name__}: {e})")
+    if not ok:
+        refuse(f"--step_test: {path} must be a chain grid of 2 to 20 seeds with grpo and the same arms on every seed")
+    if not reached:
+        refuse(f"--step_test: {path} was not collected with --skip_missed, or holds a seed whose warm-up missed")
+    return per_seed, missed, c
+
+
 def unfaithful_example(cfg, grid_config, path, seed, rows):
     """Lines showing the first held-out problem whose greedy grpo completion has the right final answer and
     a wrong running sum, with every row's completion of it, and how often grpo's right answers carry a
     wrong running sum on this seed. Needs the grid's checkpoints and its thread count (the warm-up cache
-    is keyed on it)."""
+    is keyed on it); without them, one line that says so."""
     env = seed_envs(dataclasses.replace(ExpConfig(**grid_config), out_dir=path, seeds=str(seed), device=cfg.device))[seed]
     if not os.path.exists(warmup_path(env)):
-        refuse(f"--step_test: no warm-up of seed {seed} in {path} for {torch.get_num_threads()} threads: "
-               "run with the grid's OMP_NUM_THREADS")
+        return [f"(no example: no warm-up of seed {seed} in {path} for {torch.get_num_threads()} threads on "
+                f"{env.device}; run with the grid's OMP_NUM_THREADS and device)"]
     completions = {}
     for row in rows:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(env):
             seq, _ = trained_model(env, row).generate(env.prompts(env.test), env.max_new, temperature=0, eos_id=env.eos_id)
         completions[row] = env.completions(seq)
     right = [i for i, (p, a) in enumerate(env.test) if env.task.reward(completions["grpo"][i], a) == 1]
