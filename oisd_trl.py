@@ -356,6 +356,9 @@ def check_supported(model, args, peft_config=None):
     if args.lambda_attn > 0 and uses_reentrant(args):
         raise OISDError("reentrant gradient checkpointing leaves the captured attention without gradient; set "
                         "activation_checkpointing_kwargs={'use_reentrant': False} or lambda_attn=0")
+    if on and args.ddp_find_unused_parameters:
+        raise OISDError("ddp_find_unused_parameters=True is not supported with the OISD terms on: the exit heads run "
+                        "outside DDP's forward, so DDP would mark their norms unused, then ready again; leave it unset")
     if on and not args.disable_dropout and has_dropout(model):
         raise OISDError("dropout is on (TRL's disable_dropout=False): the teacher and the policy would be different "
                         "functions; set disable_dropout=True")
@@ -383,6 +386,8 @@ class OISDTrainer(GRPOTrainer):
                 norm.requires_grad_(args.lambda_logit > 0 and i in self.oisd_layers)  # rejects unused parameters)
         if self.oisd_attn_layers:
             mark_eager(model, self.oisd_attn_layers)
+        if args.lambda_logit > 0 or args.lambda_attn > 0:  # transformers would search for unused parameters
+            args.ddp_find_unused_parameters = False  # without checkpointing; every trainable one is used here
         super().__init__(model, reward_funcs, args, *pargs, peft_config=peft_config, **kwargs)
 
     def _compute_loss(self, model, inputs):
@@ -538,7 +543,8 @@ def run_model(a):
     tok = AutoTokenizer.from_pretrained(a.model, padding_side="left")
     args = OISDConfig(output_dir=a.out_dir, per_device_train_batch_size=a.batch, num_generations=a.group,
                       max_completion_length=a.max_completion_length, max_steps=a.max_steps, learning_rate=a.lr,
-                      bf16=a.bf16, use_cpu=not torch.cuda.is_available(), activation_checkpointing=False, disable_dropout=True,
+                      bf16=a.bf16, use_cpu=not torch.cuda.is_available(), activation_checkpointing=a.checkpointing,
+                      activation_checkpointing_kwargs={"use_reentrant": False}, disable_dropout=True,
                       report_to="none", save_strategy="no", logging_steps=1, align_layers=a.align_layers,
                       lambda_logit=a.lambda_logit, lambda_attn=a.lambda_attn, adv_weighting=a.adv_weighting, disable_tqdm=True)
     trainer = OISDTrainer(model=a.model, args=args, reward_funcs=reward, processing_class=tok,
@@ -551,6 +557,11 @@ def run_model(a):
 # -----------------------------------------------------------------------------
 # Two processes (torchrun): a few steps per arm, then the exit norms compared across ranks
 
+def random_reward(completions, **kwargs):
+    """Uniform random rewards: an untrained model earns 0 everywhere, and all-zero advantages train nothing."""
+    return torch.rand(len(completions)).tolist()
+
+
 def run_smoke(a):
     import torch.distributed as dist
     env = Env(Config(out_dir=a.out_dir, digits=2, align_layers="2", n_embd=32, prompts_per_step=2, group_size=4))
@@ -562,8 +573,8 @@ def run_smoke(a):
         hf = to_hf(load_policy(env, cfg, state))
         start = torch.cat([p.detach().flatten().clone() for p in hf.oisd_exit_ln[1].parameters()])
         args = trl_args(cfg, os.path.join(a.out_dir, arm), a.max_steps, max_completion_length=env.max_new,
-                        logging_steps=1)
-        trainer = OISDTrainer(model=hf, args=args, reward_funcs=arithmetic_reward(env), processing_class=arithmetic_tokenizer(),
+                        logging_steps=1, exit_chunk=a.exit_chunk)
+        trainer = OISDTrainer(model=hf, args=args, reward_funcs=random_reward, processing_class=arithmetic_tokenizer(),
                               train_dataset=arithmetic_dataset(env, 64, cfg.seed))
         trainer.train()
         norm = torch.cat([p.detach().flatten() for p in trainer.model.oisd_exit_ln[1].parameters()])
@@ -574,7 +585,8 @@ def run_smoke(a):
         moved = not torch.equal(norm, start)
         expect_moved = cfg.lambda_logit > 0
         ok &= same and moved == expect_moved
-        print(f"rank {trainer.accelerator.process_index}/{world} {arm}: {trainer.state.global_step} steps, "
+        wrapped = f"{type(trainer.model_wrapped).__name__} over {dist.get_backend()}" if world > 1 else "one process"
+        print(f"rank {trainer.accelerator.process_index}/{world} {arm} ({wrapped}): {trainer.state.global_step} steps, "
               f"exit norm L2 identical on all ranks: {same}, moved: {moved} (expected {expect_moved}), "
               f"oisd/logit logged: {'oisd/logit' in str(trainer.state.log_history)}", flush=True)
     sys.exit(0 if ok else 1)
@@ -633,8 +645,8 @@ def main(argv):
     p.add_argument("--out_dir", default="out/trl", help="warm-up cache, TRL outputs and trl_results.json")
     p.add_argument("--arms", default="grpo,oisd_pos", help="arms of oisd.ARMS to train inside TRL")
     p.add_argument("--align_layers", default="2", help="aligned layer(s), 1-based, comma-separated")
-    p.add_argument("--seconds", type=float, default=150.0, help="wall seconds of TRL training per arm")
-    p.add_argument("--max_steps", type=int, default=400, help="TRL steps per arm at most")
+    p.add_argument("--seconds", type=float, default=900.0, help="wall seconds of TRL training per arm at most")
+    p.add_argument("--max_steps", type=int, default=300, help="TRL steps per arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny random model, a few steps per arm, exit norms compared across ranks")
     p.add_argument("--measure", default="", choices=["", "speed", "memory", "memory_one"])
@@ -648,12 +660,17 @@ def main(argv):
     g.add_argument("--group", type=int, default=4)
     g.add_argument("--max_completion_length", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (a GPU with native bf16)")
+    g.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     g.add_argument("--lambda_logit", type=float, default=1.0)
     g.add_argument("--lambda_attn", type=float, default=0.1)
     g.add_argument("--adv_weighting", default="positive")
     a = p.parse_args(argv)
     try:
+        try:
+            os.makedirs(a.out_dir, exist_ok=True)
+        except OSError as e:
+            raise OISDError(f"--out_dir={a.out_dir} is not a usable directory ({e.strerror})") from None
         if a.measure == "memory_one":
             print(measure_memory_one(a.exit_chunk, 50257, 2048, 64))
         elif a.measure == "memory":

@@ -373,6 +373,23 @@ def test_llama_style_model_trains_one_step_with_both_terms(tmp_path, kind):
     assert not torch.equal(tr.model.oisd_exit_ln[0].weight, start)
 
 
+def test_command_line_trains_a_local_model_with_a_named_reward(tmp_path):
+    """python oisd_trl.py --model=DIR --reward=module:function --prompts=FILE: one step, saved with its exit norm."""
+    tiny_llama().save_pretrained(tmp_path / "model")
+    ot.arithmetic_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "my_rewards.py").write_text("import random\n\ndef coin(completions, **kwargs):\n"
+                                            "    return [float(random.random() < 0.5) for _ in completions]\n")
+    (tmp_path / "prompts.txt").write_text("12+34=\n5+6=\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{HERE}")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "oisd_trl.py"), f"--model={tmp_path / 'model'}",
+                          "--reward=my_rewards:coin", f"--prompts={tmp_path / 'prompts.txt'}", "--max_steps=1", "--batch=8",
+                          "--group=4", "--max_completion_length=4", "--align_layers=1", f"--out_dir={tmp_path / 'out'}"],
+                         capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    back = ot.load_oisd_model(str(tmp_path / "out" / "final"))
+    assert len(back.oisd_exit_ln) == 2
+
+
 def test_llama_captured_attention_equals_eager_attentions():
     """An independent check of the attention function (grouped-query heads, scaling, padding mask): the
     probabilities it keeps equal those of transformers' own eager attention."""
@@ -409,6 +426,7 @@ REFUSALS = {
     "zero-3": ({}, "zero3", "ZeRO-3"),
     "fsdp": ({}, "fsdp", "FSDP"),
     "bad weighting": (dict(adv_weighting="sometimes"), None, "adv_weighting"),
+    "DDP searching unused parameters": (dict(ddp_find_unused_parameters=True), None, "ddp_find_unused_parameters"),
 }
 
 
