@@ -11,17 +11,18 @@ OISD inside Hugging Face TRL: GRPOTrainer plus the two OISD terms of oisd.py, fo
 How it hooks in: TRL's forward returns only log-probabilities (a fused LM head), so forward hooks keep, during
 TRL's own training forward, the residual stream after each aligned block and the backbone's final-normed
 hidden state; the exit and teacher logits are then two extra unembeddings at the response positions
-(hidden[:, -C-1:-1] for C completion tokens; the teacher's without grad). Attention probabilities come from
-an attention function that runs eager only in the aligned layers and the last one, only while a training
-forward is being recorded, and sdpa everywhere else. The terms themselves are oisd.py's
-logit_alignment_loss and attention_alignment_loss (js_divergence, alignment_weights): the same math.
+(hidden[:, -C-1:-1] for C completion tokens; the teacher's without grad), in chunks of positions. With the
+attention term on, an attention function runs eager (fp32 probabilities) in the aligned layers and the last
+one and sdpa in every other; it keeps the probabilities while a training forward is recorded. The terms
+themselves are oisd.py's logit_alignment_loss and attention_alignment_loss (js_divergence,
+alignment_weights): the same math, not a second copy.
 
 Simplifications, stated up front: the OISD terms are reduced per micro-batch (masked_mean, token or
 sequence) and divided by the gradient-accumulation steps as TRL divides its own loss, whatever TRL's
 loss_type normalizer; exit norms exist for every layer 1..L-1 but only the aligned ones train; refused
 (one line, before training): vLLM generation, DeepSpeed ZeRO-3 and FSDP (the exit head reads the
-unembedding outside the module's forward), reentrant checkpointing with the attention term on, dropout
-left on, an aligned layer out of range, a model layout not in LAYOUTS, PEFT.
+unembedding outside the module's forward), DDP's search for unused parameters, reentrant checkpointing
+with the attention term on, dropout left on, an aligned layer out of range, a layout not in LAYOUTS, PEFT.
 """
 
 import argparse
@@ -57,7 +58,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trai
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, __version__ as trl_version  # noqa: E402
 
 # Where each model family keeps its blocks, its final norm and each block's attention (model.config.model_type).
 LAYOUTS = {
@@ -317,9 +318,9 @@ def uses_reentrant(args):
 
 
 def has_dropout(model):
-    config = model.config.get_text_config()
-    return (any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-            or any(float(getattr(config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "attn_pdrop", "hidden_dropout")))
+    """Any dropout left: an nn.Dropout with p > 0, or an attention module's attention_dropout (Llama, Qwen)."""
+    return any((isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
+               for m in model.modules())
 
 
 def check_supported(model, args, peft_config=None):
@@ -377,13 +378,15 @@ class OISDTrainer(GRPOTrainer):
             model = load_oisd_model(model)
         check_supported(model, args, peft_config)
         self.oisd_layers, L = layer_list(args), len(blocks(model))
-        attach_exit_norms(model, args.exit_norm) if args.exit_norm == "own" else None
-        if args.exit_norm == "ln_f":
-            model.config.oisd_exit_norm = getattr(model.config, "oisd_exit_norm", "ln_f")
+        attach_exit_norms(model, args.exit_norm)
         self.oisd_attn_layers = (*self.oisd_layers, L) if args.lambda_attn > 0 else ()
-        if hasattr(model, "oisd_exit_ln"):  # only aligned exits with the logit term on take part in the loss:
-            for i, norm in enumerate(model.oisd_exit_ln, start=1):  # the rest are frozen, not just unused (DDP
-                norm.requires_grad_(args.lambda_logit > 0 and i in self.oisd_layers)  # rejects unused parameters)
+        for i, norm in enumerate(getattr(model, "oisd_exit_ln", []), start=1):  # only the aligned exits' own norms
+            # with the logit term on take part in the loss: the rest are frozen, not merely unused (DDP rejects those)
+            norm.requires_grad_(args.exit_norm == "own" and args.lambda_logit > 0 and i in self.oisd_layers)
+        if args.disable_dropout:  # TRL zeroes nn.Dropout modules; attention modules that hold a plain float too
+            for m in model.modules():
+                if isinstance(getattr(m, "attention_dropout", None), float):
+                    m.attention_dropout = 0.0
         if self.oisd_attn_layers:
             mark_eager(model, self.oisd_attn_layers)
         if args.lambda_logit > 0 or args.lambda_attn > 0:  # transformers would search for unused parameters
@@ -514,6 +517,10 @@ def run_arithmetic(a):
     """Warm-up (cached), then each arm inside TRL for a.seconds; held-out final and exit accuracy before/after."""
     env = Env(Config(out_dir=a.out_dir, align_layers=a.align_layers, seed=a.seed))
     layer, L = layer_list(env.cfg)[0], env.cfg.n_layer
+    print(f"trl {trl_version} | transformers {transformers.__version__} | torch {torch.__version__} | device "
+          f"{env.device} | threads {torch.get_num_threads()}\narms {a.arms}: aligned layer(s) {env.cfg.align_layers} of "
+          f"{L}, {a.max_steps} TRL steps each ({env.cfg.prompts_per_step} prompts x {env.cfg.group_size} rollouts), "
+          f"from the warm-up checkpoint")
     warm_state = warmup(env)
     before = evaluate(env, load_policy(env, env.cfg, warm_state), env.test, layers=[layer, L], lens=False)
     rows = {"warm-up start": before}
