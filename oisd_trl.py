@@ -2,7 +2,7 @@
 OISD inside Hugging Face TRL: GRPOTrainer plus the two OISD terms of oisd.py, for real models and launchers
 (accelerate, torchrun). An optional extra with its own requirements: pip install -r requirements-trl.txt
 
-    python oisd_trl.py                     # our arithmetic task inside TRL: grpo vs oisd_pos from the warm-up, ~6 min on a CPU
+    python oisd_trl.py                     # our arithmetic task inside TRL: grpo vs oisd_pos from the warm-up, ~4 min on a CPU
     python oisd_trl.py --model=DIR --reward=my_module:my_reward --prompts=prompts.txt   # any local causal LM
     torchrun --nproc_per_node=2 oisd_trl.py --smoke   # 2 processes (gloo): exit norms identical on both ranks
     python oisd_trl.py --measure=speed     # seconds per TRL step, OISD against plain GRPO, alternated
@@ -84,7 +84,7 @@ class OISDConfig(GRPOConfig):
     adv_weighting: str = field(default="signed", metadata={"help": "signed | positive | abs | none"})
     exit_norm: str = field(default="own", metadata={"help": "own: a norm per exit | ln_f: the logit lens"})
     align_reduction: str = field(default="token", metadata={"help": "token | sequence (oisd.masked_mean)"})
-    exit_chunk: int = field(default=1024, metadata={"help": "response positions per exit-logit chunk; 0: all at once"})
+    exit_chunk: int = field(default=256, metadata={"help": "response positions per exit-logit chunk; 0: all at once"})
 
 
 # -----------------------------------------------------------------------------
@@ -638,11 +638,14 @@ def measure_memory_one(chunk, vocab, tokens, d):
 
 
 def measure_memory(a):
-    for chunk in (0, a.exit_chunk):
-        out = subprocess.run([sys.executable, __file__, f"--measure=memory_one", f"--exit_chunk={chunk}"],
+    """Each setting in a fresh process; glibc's mmap threshold fixed at 64 KiB so that freed large tensors go back
+    to the system (with its default, moving threshold the peak RSS depends on the order of allocations)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    for chunk in (0, 1024, 256, 64):
+        out = subprocess.run([sys.executable, __file__, "--measure=memory_one", f"--exit_chunk={chunk}"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()
-        print(f"logit term, vocab 50,257, 2,048 completion tokens, hidden 64, forward + backward: "
-              f"{'unchunked' if chunk == 0 else f'chunks of {chunk}'}: peak +{float(out):.0f} MiB")
+        print(f"logit term, vocab 50,257, 2,048 completion tokens, hidden 64, forward + backward, "
+              f"{'unchunked' if chunk == 0 else f'chunks of {chunk}'}: peak RSS +{float(out):.0f} MiB", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -658,7 +661,7 @@ def main(argv):
     p.add_argument("--smoke", action="store_true", help="a tiny random model, a few steps per arm, exit norms compared across ranks")
     p.add_argument("--measure", default="", choices=["", "speed", "memory", "memory_one"])
     p.add_argument("--rounds", type=int, default=3, help="--measure=speed: alternated rounds")
-    p.add_argument("--exit_chunk", type=int, default=256, help="--measure=memory: positions per chunk")
+    p.add_argument("--exit_chunk", type=int, default=256, help="--measure=memory_one: positions per chunk")
     g = p.add_argument_group("any local model (--model)")
     g.add_argument("--model", default="", help="a local Hugging Face causal LM directory")
     g.add_argument("--reward", default="", help="module:function, a TRL reward function")

@@ -434,10 +434,7 @@ REFUSALS = {
 def test_each_refusal_is_one_line(tmp_path, case):
     kw, tweak, word = REFUSALS[case]
     model = ot.to_hf(sharp_gpt())
-    try:
-        args = config(tmp_path, **kw)
-    except ValueError as e:  # transformers itself refuses vLLM when it is not installed; still one clear line
-        pytest.fail(f"the config itself raised: {e}")
+    args = config(tmp_path, **kw)
     if tweak == "dropout":
         model.transformer.h[0].attn.attn_dropout.p = 0.1
     elif tweak == "zero3":
