@@ -217,6 +217,14 @@ def test_left_padded_prompts_pad_tokens_contribute_nothing(tmp_path):
         torch.testing.assert_close(probs[:4, :, 2:].sum(-1), torch.ones(4, 4, 9))
 
 
+def test_eager_attention_only_where_needed(tmp_path):
+    off = trainer_for(ot.to_hf(sharp_gpt()), tmp_path, lambda_attn=0.0)
+    assert off.model.config._attn_implementation == "sdpa"
+    on = trainer_for(ot.to_hf(sharp_gpt()), tmp_path, align_layers="2", lambda_attn=0.1)
+    assert on.model.config._attn_implementation == ot.ATTN_IMPL
+    assert [getattr(b.attn, "oisd_layer", None) for b in ot.blocks(on.model)] == [None, 2, None, 4]
+
+
 # -----------------------------------------------------------------------------
 # The loss as a whole
 
