@@ -2,7 +2,7 @@
 OISD inside Hugging Face TRL: GRPOTrainer plus the two OISD terms of oisd.py, for real models and launchers
 (accelerate, torchrun). An optional extra with its own requirements: pip install -r requirements-trl.txt
 
-    python oisd_trl.py                     # our arithmetic task inside TRL: grpo vs oisd_pos from the warm-up, ~4 min on a CPU
+    python oisd_trl.py                     # our arithmetic task inside TRL: grpo vs oisd_pos from the warm-up, ~2-4 min on 1 CPU thread
     python oisd_trl.py --model=DIR --reward=my_module:my_reward --prompts=prompts.txt   # any local causal LM
     torchrun --nproc_per_node=2 oisd_trl.py --smoke   # 2 processes (gloo): exit norms identical on both ranks
     python oisd_trl.py --measure=speed     # seconds per TRL step, OISD against plain GRPO, alternated
