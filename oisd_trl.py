@@ -579,8 +579,10 @@ def run_smoke(a):
         cfg = arm_config(env.cfg, arm)
         hf = to_hf(load_policy(env, cfg, state))
         start = torch.cat([p.detach().flatten().clone() for p in hf.oisd_exit_ln[1].parameters()])
+        # no search for unused parameters in any arm (as with TRL's default checkpointing): in the grpo arm DDP
+        # would then stop on the exit norms, which the loss does not use, were they not frozen
         args = trl_args(cfg, os.path.join(a.out_dir, arm), a.max_steps, max_completion_length=env.max_new,
-                        logging_steps=1, exit_chunk=a.exit_chunk)
+                        logging_steps=1, exit_chunk=a.exit_chunk, ddp_find_unused_parameters=False)
         trainer = OISDTrainer(model=hf, args=args, reward_funcs=random_reward, processing_class=arithmetic_tokenizer(),
                               train_dataset=arithmetic_dataset(env, 64, cfg.seed))
         trainer.train()
