@@ -397,6 +397,9 @@ class OISDTrainer(GRPOTrainer):
         args = self.args
         if args.lambda_logit == 0 and args.lambda_attn == 0:
             return super()._compute_loss(model, inputs)
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise OISDError("per-token advantages (N, C) are not supported; OISD weights each rollout by one advantage")
         hidden = self.oisd_layers if args.lambda_logit > 0 else ()
         with recording(self.model, hidden, self.oisd_attn_layers) as rec:
             loss = super()._compute_loss(model, inputs)
@@ -404,9 +407,6 @@ class OISDTrainer(GRPOTrainer):
         mask = inputs["completion_mask"].float()  # (N, C): 1 up to and including EOS, as oisd.response_mask
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
-        advantages = inputs["advantages"]
-        if advantages.dim() != 1:
-            raise OISDError("per-token advantages (N, C) are not supported; OISD weights each rollout by one advantage")
         weights = alignment_weights(advantages, args.adv_weighting)  # (N,)
         red, terms, n = args.align_reduction, {}, len(self.oisd_layers)
         if args.lambda_logit > 0:  # positions -C-1..-2 predict the C completion tokens
@@ -431,7 +431,8 @@ class OISDTrainer(GRPOTrainer):
 
 def arithmetic_tokenizer():
     """tasks.get_tokenizer() as a Hugging Face tokenizer: one token per character of CHARS (ids 0..12), EOS 13,
-    PAD 14; left padding, as TRL wants for prompts. Built locally, nothing downloaded."""
+    PAD 14; left padding, as TRL wants for prompts. Built locally, nothing downloaded. A character outside
+    CHARS becomes PAD (tasks' tokenizer raises instead); the task's prompts never hold one."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {ch: i for i, ch in enumerate(CHARS)} | {EOS: len(CHARS), PAD: len(CHARS) + 1}
