@@ -679,7 +679,15 @@ def main(argv):
     g.add_argument("--lambda_attn", type=float, default=0.1)
     g.add_argument("--adv_weighting", default="positive")
     a = p.parse_args(argv)
-    try:
+    try:  # every check first: a refused invocation leaves nothing behind
+        if a.model and not (a.reward and a.prompts):
+            raise OISDError("--model needs --reward=module:function and --prompts=FILE")
+        if a.model and not os.path.isdir(a.model):
+            raise OISDError(f"--model={a.model} is not a local directory (nothing is downloaded)")
+        n_layer = Config().n_layer
+        if not (a.model or a.measure or a.smoke) and not all(
+                x.isdigit() and 1 <= int(x) < n_layer for x in a.align_layers.split(",")):
+            raise OISDError(f"--align_layers={a.align_layers}: need layers in 1..{n_layer - 1}")
         try:
             os.makedirs(a.out_dir, exist_ok=True)
         except OSError as e:
@@ -691,17 +699,10 @@ def main(argv):
         elif a.measure == "speed":
             measure_speed(a)
         elif a.model:
-            if not (a.reward and a.prompts):
-                raise OISDError("--model needs --reward=module:function and --prompts=FILE")
-            if not os.path.isdir(a.model):
-                raise OISDError(f"--model={a.model} is not a local directory (nothing is downloaded)")
             run_model(a)
         elif a.smoke:
             run_smoke(a)
         else:
-            n_layer = Config().n_layer
-            if not all(x.isdigit() and 1 <= int(x) < n_layer for x in a.align_layers.split(",")):
-                raise OISDError(f"--align_layers={a.align_layers}: need layers in 1..{n_layer - 1}")
             run_arithmetic(a)
     except OISDError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -468,7 +468,8 @@ def test_unknown_layout_is_refused():
 
 
 @pytest.mark.parametrize("argv", [["--align_layers=4"], ["--model=/no/such/dir", "--reward=m:f", "--prompts=p.txt"]])
-def test_command_line_refusals_exit_2_with_one_line(argv):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "oisd_trl.py"), *argv], capture_output=True, text=True,
-                         cwd=HERE, timeout=300)
+def test_command_line_refusals_exit_2_with_one_line(tmp_path, argv):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "oisd_trl.py"), f"--out_dir={tmp_path / 'out'}", *argv],
+                         capture_output=True, text=True, cwd=HERE, timeout=300)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
