@@ -1300,6 +1300,8 @@ def test_step_test_runs_on_a_real_chain_grid(tmp_path, capsys, monkeypatch):
         experiments.main([f"--step_test={tmp_path}", f"--out_dir={tmp_path}"])
         out = capsys.readouterr().out
         assert "(no example: no warm-up of seed" in out and "p = " in out
+        experiments.main([f"--report={tmp_path}", f"--out_dir={tmp_path}"])  # RESULTS.md carries the test
+        assert "The step-accuracy test (--step_test):" in (tmp_path / "RESULTS.md").read_text()
     finally:
         torch.set_num_threads(threads)
 
