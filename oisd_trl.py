@@ -18,11 +18,13 @@ themselves are oisd.py's logit_alignment_loss and attention_alignment_loss (js_d
 alignment_weights): the same math, not a second copy.
 
 Simplifications, stated up front: the OISD terms are reduced per micro-batch (masked_mean, token or
-sequence) and divided by the gradient-accumulation steps as TRL divides its own loss, whatever TRL's
-loss_type normalizer; exit norms exist for every layer 1..L-1 but only the aligned ones train; refused
-(one line, before training): vLLM generation, DeepSpeed ZeRO-3 and FSDP (the exit head reads the
-unembedding outside the module's forward), DDP's search for unused parameters, reentrant checkpointing
-with the attention term on, dropout left on, an aligned layer out of range, a layout not in LAYOUTS, PEFT.
+sequence) and divided by the gradient-accumulation steps as TRL divides its own loss, so only TRL's
+per-micro-batch loss types are allowed (bnpo, the default here, grpo, dr_grpo); GPT-2's training forward
+gets the positions generation used (positions_from_mask); exit norms exist for every layer 1..L-1 but only
+the aligned ones train. Refused (one line, before training): TRL's global-token loss types (dapo, cispo,
+vespo), vLLM generation, DeepSpeed ZeRO-3 and FSDP (the exit head reads the unembedding outside the
+module's forward), DDP's search for unused parameters, reentrant checkpointing with the attention term on,
+dropout left on, an aligned layer out of range, a layout not in LAYOUTS, PEFT.
 """
 
 import argparse
@@ -62,8 +64,8 @@ from trl import GRPOConfig, GRPOTrainer, __version__ as trl_version  # noqa: E40
 
 # Where each model family keeps its blocks, its final norm and each block's attention (model.config.model_type).
 LAYOUTS = {
-    "gpt2": dict(blocks="transformer.h", norm="transformer.ln_f", attn="attn", backbone="transformer"),
-    **{name: dict(blocks="model.layers", norm="model.norm", attn="self_attn", backbone="model")
+    "gpt2": dict(blocks="transformer.h", norm="transformer.ln_f", attn="attn", backbone="transformer", absolute=True),
+    **{name: dict(blocks="model.layers", norm="model.norm", attn="self_attn", backbone="model", absolute=False)
        for name in ("llama", "mistral", "qwen2", "qwen3")},
 }
 ATTN_IMPL = "oisd_eager_where_needed"  # registered below with AttentionInterface and AttentionMaskInterface
@@ -85,6 +87,8 @@ class OISDConfig(GRPOConfig):
     exit_norm: str = field(default="own", metadata={"help": "own: a norm per exit | ln_f: the logit lens"})
     align_reduction: str = field(default="token", metadata={"help": "token | sequence (oisd.masked_mean)"})
     exit_chunk: int = field(default=256, metadata={"help": "response positions per exit-logit chunk; 0: all at once"})
+    loss_type: str = field(default="bnpo", metadata={"help": "TRL's; the OISD terms need a per-micro-batch one: "
+                                                              "bnpo (token mean, as oisd.py), grpo or dr_grpo"})
 
 
 # -----------------------------------------------------------------------------
@@ -279,6 +283,25 @@ def first_tensor(output):
 
 
 @contextmanager
+def positions_from_mask(model):
+    """Within the block, a forward without position_ids gets the positions generation used,
+    (mask.cumsum(-1) - 1).clamp_min(0), for layouts with absolute positions (GPT-2). TRL's training forward
+    passes none, so a left-padded prompt's tokens would otherwise sit as many positions later as it has pads,
+    unlike at sampling time and unlike oisd.py, whose prompts are never padded."""
+    def hook(module, args, kwargs):
+        if kwargs.get("position_ids") is None and kwargs.get("attention_mask") is not None:
+            kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+        return args, kwargs
+    handle = get_path(model, layout(model)["backbone"]).register_forward_pre_hook(hook, with_kwargs=True) \
+        if layout(model)["absolute"] else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@contextmanager
 def recording(model, layers, attn_layers):
     """Within the block: forward hooks keep the output of each block in `layers` (the residual stream after it)
     and the backbone's final-normed hidden state; the attention modules of `attn_layers` keep their
@@ -342,6 +365,9 @@ def check_supported(model, args, peft_config=None):
     if args.exit_chunk < 0:
         raise OISDError(f"exit_chunk must be >= 0 (0: unchunked), got {args.exit_chunk}")
     on = args.lambda_logit > 0 or args.lambda_attn > 0
+    if on and args.loss_type not in ("bnpo", "grpo", "dr_grpo"):
+        raise OISDError(f"loss_type={args.loss_type!r} normalises by the global token count, which the OISD terms "
+                        "(a mean per micro-batch) do not follow; use loss_type='bnpo' (OISDConfig's default)")
     if args.use_vllm:
         raise OISDError("vLLM generation is not supported: its weight sync would push the exit norms too (untested); "
                         "set use_vllm=False")
@@ -396,12 +422,13 @@ class OISDTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         args = self.args
         if args.lambda_logit == 0 and args.lambda_attn == 0:
-            return super()._compute_loss(model, inputs)
+            with positions_from_mask(self.model):
+                return super()._compute_loss(model, inputs)
         advantages = inputs["advantages"]
         if advantages.dim() != 1:
             raise OISDError("per-token advantages (N, C) are not supported; OISD weights each rollout by one advantage")
         hidden = self.oisd_layers if args.lambda_logit > 0 else ()
-        with recording(self.model, hidden, self.oisd_attn_layers) as rec:
+        with positions_from_mask(self.model), recording(self.model, hidden, self.oisd_attn_layers) as rec:
             loss = super()._compute_loss(model, inputs)
         C = inputs["completion_ids"].size(1)
         mask = inputs["completion_mask"].float()  # (N, C): 1 up to and including EOS, as oisd.response_mask
@@ -545,7 +572,10 @@ def run_model(a):
     from datasets import Dataset
     from transformers import AutoTokenizer
     module, _, name = a.reward.partition(":")
-    reward = getattr(importlib.import_module(module), name)
+    try:
+        reward = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise OISDError(f"--reward={a.reward}: cannot import it ({type(e).__name__}: {e})") from None
     with open(a.prompts) as f:
         prompts = [line.rstrip("\n") for line in f if line.strip()]
     tok = AutoTokenizer.from_pretrained(a.model, padding_side="left")
@@ -599,7 +629,9 @@ def run_smoke(a):
         print(f"rank {trainer.accelerator.process_index}/{world} {arm} ({wrapped}): {trainer.state.global_step} steps, "
               f"exit norm L2 identical on all ranks: {same}, moved: {moved} (expected {expect_moved}), "
               f"oisd/logit logged: {'oisd/logit' in str(trainer.state.log_history)}", flush=True)
-    sys.exit(0 if ok else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)  # sys.exit with the gloo group alive sometimes aborts at interpreter exit
 
 
 # -----------------------------------------------------------------------------
@@ -684,10 +716,16 @@ def main(argv):
             raise OISDError("--model needs --reward=module:function and --prompts=FILE")
         if a.model and not os.path.isdir(a.model):
             raise OISDError(f"--model={a.model} is not a local directory (nothing is downloaded)")
-        n_layer = Config().n_layer
-        if not (a.model or a.measure or a.smoke) and not all(
-                x.isdigit() and 1 <= int(x) < n_layer for x in a.align_layers.split(",")):
-            raise OISDError(f"--align_layers={a.align_layers}: need layers in 1..{n_layer - 1}")
+        n_layer, layers = Config().n_layer, a.align_layers.split(",")
+        if not (a.model or a.measure or a.smoke) and not (
+                len(set(layers)) == len(layers) and all(x.isdigit() and 1 <= int(x) < n_layer for x in layers)):
+            raise OISDError(f"--align_layers={a.align_layers}: need distinct layers in 1..{n_layer - 1}")
+        if a.model and a.reward.count(":") != 1:
+            raise OISDError(f"--reward={a.reward}: expected module:function")
+        if a.model and not os.path.isfile(a.prompts):
+            raise OISDError(f"--prompts={a.prompts} is not a file")
+        if a.model and (a.group < 2 or a.batch % a.group):
+            raise OISDError(f"--batch={a.batch} must be a multiple of --group={a.group} (at least 2)")
         try:
             os.makedirs(a.out_dir, exist_ok=True)
         except OSError as e:

@@ -217,6 +217,32 @@ def test_left_padded_prompts_pad_tokens_contribute_nothing(tmp_path):
         torch.testing.assert_close(probs[:4, :, 2:].sum(-1), torch.ones(4, 4, 9))
 
 
+def test_left_padded_prompts_give_oisd_terms_of_each_unpadded_group(tmp_path):
+    """Prompts of 4 and 6 tokens, left-padded by TRL: the logged terms equal oisd.rl_loss's on each group
+    without its pads, combined by token counts (token reduction). GPT-2's positions must then come from the
+    mask, as at sampling; without positions_from_mask they would be shifted by the pads."""
+    g = sharp_gpt()
+    prompts, prompt_mask, comp, mask, adv = left_padded(PAD_ID)
+    knobs = dict(align_layers="1,2", lambda_attn=0.1)
+    tr = trainer_for(ot.to_hf(g), tmp_path, **knobs)
+    tr._compute_loss(tr.model, inputs_of(prompts, comp, mask, adv, prompt_mask))
+    want = {"logit": 0.0, "attn": 0.0}
+    for rows, pads in ((slice(0, 4), 2), (slice(4, 8), 0)):
+        seq = torch.cat([prompts[rows, pads:], comp[rows]], 1)
+        terms = core_terms(g, seq, 6 - pads, mask[rows], adv[rows], **knobs)
+        for name in want:
+            want[name] += terms[name].item() * mask[rows].sum().item() / mask.sum().item()
+    assert (logged(tr, "logit"), logged(tr, "attn")) == pytest.approx((want["logit"], want["attn"]), abs=1e-5)
+
+
+def test_global_token_loss_types_are_refused(tmp_path):
+    """dapo (TRL's own default), cispo and vespo normalise by the global token count; the OISD terms do not."""
+    for loss_type in ("dapo", "cispo", "vespo"):
+        with pytest.raises(ot.OISDError, match="loss_type"):
+            trainer_for(ot.to_hf(sharp_gpt()), tmp_path, loss_type=loss_type)
+    assert ot.OISDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).loss_type == "bnpo"
+
+
 def test_eager_attention_only_where_needed(tmp_path):
     off = trainer_for(ot.to_hf(sharp_gpt()), tmp_path, lambda_attn=0.0)
     assert off.model.config._attn_implementation == "sdpa"
@@ -467,7 +493,11 @@ def test_unknown_layout_is_refused():
         ot.check_supported(model, types.SimpleNamespace())
 
 
-@pytest.mark.parametrize("argv", [["--align_layers=4"], ["--model=/no/such/dir", "--reward=m:f", "--prompts=p.txt"]])
+@pytest.mark.parametrize("argv", [["--align_layers=4"], ["--align_layers=2,2"],
+                                  ["--model=/no/such/dir", "--reward=m:f", "--prompts=p.txt"],
+                                  ["--model=.", "--reward=no_colon", "--prompts=requirements.txt"],
+                                  ["--model=.", "--reward=m:f", "--prompts=/no/such/file"],
+                                  ["--model=.", "--reward=m:f", "--prompts=requirements.txt", "--batch=6", "--group=4"]])
 def test_command_line_refusals_exit_2_with_one_line(tmp_path, argv):
     out = subprocess.run([sys.executable, os.path.join(HERE, "oisd_trl.py"), f"--out_dir={tmp_path / 'out'}", *argv],
                          capture_output=True, text=True, cwd=HERE, timeout=300)
