@@ -400,6 +400,8 @@ class OISDTrainer(GRPOTrainer):
     oisd/attn (before their lambda). `model` is a loaded model (or a path, loaded with load_oisd_model)."""
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, peft_config=None, **kwargs):
+        if not isinstance(args, OISDConfig):
+            raise OISDError(f"args must be an OISDConfig (TRL's GRPOConfig plus OISD's fields), got {type(args).__name__}")
         if isinstance(model, str):
             model = load_oisd_model(model)
         check_supported(model, args, peft_config)

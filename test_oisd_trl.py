@@ -241,6 +241,8 @@ def test_global_token_loss_types_are_refused(tmp_path):
         with pytest.raises(ot.OISDError, match="loss_type"):
             trainer_for(ot.to_hf(sharp_gpt()), tmp_path, loss_type=loss_type)
     assert ot.OISDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).loss_type == "bnpo"
+    with pytest.raises(ot.OISDError, match="OISDConfig"):  # a plain GRPOConfig (or none) has no OISD fields
+        ot.OISDTrainer(model=ot.to_hf(sharp_gpt()), args=ot.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
 
 
 def test_eager_attention_only_where_needed(tmp_path):
