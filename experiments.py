@@ -477,17 +477,25 @@ def early_exit_table(summary, n_layer, arms):
     return "\n".join(lines)
 
 
-def make_plots(cfg, seeds, arms, summary):
-    """PNGs next to the summary, if matplotlib is installed: accuracy vs step per arm (final layer and the
-    aligned exit, mean over seeds with a band of one standard deviation, ddof=1 as in the tables);
-    exit accuracy per layer per arm, as trained and after the probe; and one held-out prompt's
-    head-averaged attention in the aligned and the final layer, before and after RL."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None with a one-line note if it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+    return plt
+
+
+def make_plots(cfg, seeds, arms, summary):
+    """PNGs next to the summary, if matplotlib is installed: accuracy vs step per arm (final layer and the
+    aligned exit, mean over seeds with a band of one standard deviation, ddof=1 as in the tables);
+    exit accuracy per layer per arm, as trained and after the probe; and one held-out prompt's
+    head-averaged attention in the aligned and the final layer, before and after RL."""
+    plt = pyplot()
+    if plt is None:
         return
     L, aligned = cfg.n_layer, layer_list(cfg)[0]
     records = read_metrics(cfg, seeds)
@@ -1022,12 +1030,8 @@ def unfaithful_example(cfg, grid_config, path, seed, rows):
 def plot_step_changes(cfg, results):
     """step_test.png (if matplotlib is installed): per grid, each arm's change in step accuracy from the
     warm-up start against grpo's on the same seed, one point per seed, with the diagonal (no difference)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6), squeeze=False)
     for ax, (path, r) in zip(axes[0], results.items()):
