@@ -282,23 +282,18 @@ def first_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
 
 
-@contextmanager
 def positions_from_mask(model):
-    """Within the block, a forward without position_ids gets the positions generation used,
-    (mask.cumsum(-1) - 1).clamp_min(0), for layouts with absolute positions (GPT-2). TRL's training forward
-    passes none, so a left-padded prompt's tokens would otherwise sit as many positions later as it has pads,
-    unlike at sampling time and unlike oisd.py, whose prompts are never padded."""
+    """From now on, a forward of `model` without position_ids gets the positions generation used,
+    (mask.cumsum(-1) - 1).clamp_min(0), for layouts with absolute positions (GPT-2). TRL's forwards (the
+    training one, the old policy's and the reference model's log-probs) pass none, so a left-padded prompt's
+    tokens would otherwise sit as many positions later as it has pads, unlike at sampling time and unlike
+    oisd.py, whose prompts are never padded. A no-op for other layouts (rotary positions are relative)."""
     def hook(module, args, kwargs):
         if kwargs.get("position_ids") is None and kwargs.get("attention_mask") is not None:
             kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
         return args, kwargs
-    handle = get_path(model, layout(model)["backbone"]).register_forward_pre_hook(hook, with_kwargs=True) \
-        if layout(model)["absolute"] else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
+    if layout(model)["absolute"]:
+        get_path(model, layout(model)["backbone"]).register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @contextmanager
@@ -366,8 +361,8 @@ def check_supported(model, args, peft_config=None):
         raise OISDError(f"exit_chunk must be >= 0 (0: unchunked), got {args.exit_chunk}")
     on = args.lambda_logit > 0 or args.lambda_attn > 0
     if on and args.loss_type not in ("bnpo", "grpo", "dr_grpo"):
-        raise OISDError(f"loss_type={args.loss_type!r} normalises by the global token count, which the OISD terms "
-                        "(a mean per micro-batch) do not follow; use loss_type='bnpo' (OISDConfig's default)")
+        raise OISDError(f"loss_type={args.loss_type!r}: with the OISD terms (a mean per micro-batch) use bnpo "
+                        "(OISDConfig's default), grpo or dr_grpo; dapo, cispo and vespo normalise globally")
     if args.use_vllm:
         raise OISDError("vLLM generation is not supported: its weight sync would push the exit norms too (untested); "
                         "set use_vllm=False")
@@ -420,17 +415,19 @@ class OISDTrainer(GRPOTrainer):
         if args.lambda_logit > 0 or args.lambda_attn > 0:  # transformers would search for unused parameters
             args.ddp_find_unused_parameters = False  # without checkpointing; every trainable one is used here
         super().__init__(model, reward_funcs, args, *pargs, peft_config=peft_config, **kwargs)
+        for m in (self.model, getattr(self, "ref_model", None)):  # every forward TRL takes log-probs from
+            if m is not None:
+                positions_from_mask(m)
 
     def _compute_loss(self, model, inputs):
         args = self.args
         if args.lambda_logit == 0 and args.lambda_attn == 0:
-            with positions_from_mask(self.model):
-                return super()._compute_loss(model, inputs)
+            return super()._compute_loss(model, inputs)
         advantages = inputs["advantages"]
         if advantages.dim() != 1:
             raise OISDError("per-token advantages (N, C) are not supported; OISD weights each rollout by one advantage")
         hidden = self.oisd_layers if args.lambda_logit > 0 else ()
-        with positions_from_mask(self.model), recording(self.model, hidden, self.oisd_attn_layers) as rec:
+        with recording(self.model, hidden, self.oisd_attn_layers) as rec:
             loss = super()._compute_loss(model, inputs)
         C = inputs["completion_ids"].size(1)
         mask = inputs["completion_mask"].float()  # (N, C): 1 up to and including EOS, as oisd.response_mask

@@ -235,6 +235,21 @@ def test_left_padded_prompts_give_oisd_terms_of_each_unpadded_group(tmp_path):
     assert (logged(tr, "logit"), logged(tr, "attn")) == pytest.approx((want["logit"], want["attn"]), abs=1e-5)
 
 
+def test_trl_logprobs_of_a_padded_prompt_equal_those_of_the_unpadded_one(tmp_path):
+    """The old-policy and reference log-probs TRL takes outside _compute_loss see the same positions as
+    sampling: a left-padded row's completion log-probs equal the unpadded row's (the policy; a reference
+    model, with beta > 0, gets the same hook but TRL loads it from a path, which a test model lacks)."""
+    prompts, prompt_mask, comp, mask, adv = left_padded(PAD_ID)
+    tr = trainer_for(ot.to_hf(sharp_gpt()), tmp_path)
+    C = comp.size(1)
+    for model in (tr.model,):
+        padded = tr._get_per_token_logps_and_entropies(model, torch.cat([prompts, comp], 1)[:4],
+                                                       torch.cat([prompt_mask, mask.long()], 1)[:4], C)[0]
+        plain = tr._get_per_token_logps_and_entropies(model, torch.cat([prompts[:4, 2:], comp[:4]], 1),
+                                                      torch.cat([prompt_mask[:4, 2:], mask[:4].long()], 1), C)[0]
+        torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
+
+
 def test_global_token_loss_types_are_refused(tmp_path):
     """dapo (TRL's own default), cispo and vespo normalise by the global token count; the OISD terms do not."""
     for loss_type in ("dapo", "cispo", "vespo"):
