@@ -507,12 +507,13 @@ class StepTimer(TrainerCallback):
 
 def trl_args(cfg, out_dir, max_steps, max_completion_length, **overrides):
     """The OISDConfig of an arm of oisd.Config `cfg`: its batch (prompts_per_step x group_size), learning rate,
-    clip, token-mean loss and OISD knobs; fp32 on the CPU (TRL would pick bf16), no checkpointing, dropout off.
-    `overrides` replace any of these."""
+    clip, num_iterations, token-mean loss and OISD knobs; fp32 on the CPU (TRL would pick bf16), no
+    checkpointing, dropout off. `overrides` replace any of these. TRL's max_steps counts optimizer steps, so
+    with num_iterations = mu it samples max_steps / mu rollout batches (oisd.py's rl_steps counts rollouts)."""
     kw = dict(output_dir=out_dir, per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
               num_generations=cfg.group_size, max_completion_length=max_completion_length, learning_rate=cfg.rl_lr,
               lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=cfg.grad_clip, epsilon=cfg.clip_eps,
-              beta=cfg.kl_beta, loss_type="bnpo", scale_rewards="group" if cfg.scale_advantages else "none",
+              beta=cfg.kl_beta, num_iterations=cfg.num_iterations, loss_type="bnpo", scale_rewards="group" if cfg.scale_advantages else "none",
               temperature=cfg.temperature, top_k=0, top_p=1.0, max_steps=max_steps, bf16=False,
               use_cpu=not torch.cuda.is_available(), activation_checkpointing=False, disable_dropout=True,
               report_to="none", save_strategy="no", logging_steps=25, seed=cfg.seed, data_seed=cfg.seed,

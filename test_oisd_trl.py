@@ -380,6 +380,25 @@ def arithmetic_trainer(tmp_path, arm="oisd_pos", steps=2, **overrides):
                                processing_class=ot.arithmetic_tokenizer(), train_dataset=ot.arithmetic_dataset(env, 16, 0))
 
 
+def test_trl_args_carry_every_rl_knob_of_the_core_config(tmp_path):
+    cfg = ot.arm_config(Config(prompts_per_step=3, group_size=5, rl_lr=2e-4, grad_clip=0.7, clip_eps=0.3, kl_beta=0.04,
+                               num_iterations=2, temperature=0.8, scale_advantages=False, seed=7), "oisd_pos")
+    args = ot.trl_args(cfg, str(tmp_path), 4, max_completion_length=9)
+    got = (args.per_device_train_batch_size, args.num_generations, args.learning_rate, args.max_grad_norm, args.epsilon,
+           args.beta, args.num_iterations, args.temperature, args.scale_rewards, args.seed, args.adv_weighting)
+    assert got == (15, 5, 2e-4, 0.7, 0.3, 0.04, 2, 0.8, "none", 7, "positive")
+
+
+def test_num_iterations_reuses_one_rollout_for_its_updates(tmp_path):
+    env, tr = arithmetic_trainer(tmp_path, steps=4, num_iterations=2)
+    sampled = []
+    original = tr._generate_and_score_completions
+    tr._generate_and_score_completions = lambda inputs: sampled.append(1) or original(inputs)
+    tr.train()
+    logged = [r for r in tr.state.log_history if "oisd/logit" in r]
+    assert len(sampled) == 2 and len(logged) == 4  # 4 optimizer steps, each with the OISD terms, from 2 rollouts
+
+
 def test_exit_norm_is_optimized_moves_is_saved_and_reloaded(tmp_path):
     from transformers import AutoModelForCausalLM
     env, tr = arithmetic_trainer(tmp_path)
