@@ -927,7 +927,8 @@ def step_test(cfg):
     each grid named by --step_test and each arm in it against grpo on the same seeds: per seed, every row's
     greedy step accuracy and its change from the warm-up start; the paired test of the differences
     (arm - grpo); how many seeds each arm collapses on (loses more than 10 points of step accuracy against
-    the warm-up start) with the exact two-sided sign test on the seeds where only one of the two collapses;
+    the warm-up start) with the exact two-sided sign test on the seeds where only one of the two collapses
+    (None if there are none);
     final-layer greedy and Avg@K against grpo. Writes out_dir/step_test.md and .json and a plot of each
     arm's change against grpo's, one point per seed."""
     out, lines = {}, []
@@ -936,7 +937,10 @@ def step_test(cfg):
         seeds, L, rows = list(per_seed), c["n_layer"], list(per_seed[next(iter(per_seed))])
         arms = [r for r in rows if r not in ("warm-up start", "grpo")]
         lines += [f"## {path}: chain, {c['terms']} terms of {c['digits']} digits, {L} layers, {len(seeds)} seeds",
-                  "", f"Missed warm-ups (no RL): {', '.join(f'{s} ({a:.1%})' for s, a in missed.items()) or 'none'}.", "",
+                  "", f"Settings: arms {c['arms']}, {c['rl_steps']} RL steps, aligned layer(s) {c['align_layers']}, "
+                  f"lambda_logit {c['lambda_logit']}, lambda_attn {c['lambda_attn']}, warm-up target "
+                  f"{c['sft_target_acc']:.0%} in at most {c['sft_max_steps']} steps; seeds run: {c['seeds']}.", "",
+                  f"Missed warm-ups (no RL): {', '.join(f'{s} ({a:.1%})' for s, a in missed.items()) or 'none'}.", "",
                   "Greedy step accuracy (%) per seed, and its change from the warm-up start (points):", "",
                   "| seed | " + " | ".join(rows) + " | " + " | ".join(f"{r} change" for r in rows[1:])
                   + " | " + " | ".join(f"{a} - grpo" for a in arms) + " |", "|---" * (2 * len(rows) + len(arms)) + "|"]
@@ -958,7 +962,7 @@ def step_test(cfg):
             test = paired_test(np.round(step[a] - step["grpo"], 6))
             only_grpo, only_arm = int(((change["grpo"] < -10) & (change[a] >= -10)).sum()), int(((change[a] < -10) & (change["grpo"] >= -10)).sum())
             sign_p = min(1.0, 2 * sum(math.comb(only_grpo + only_arm, k) for k in range(min(only_grpo, only_arm) + 1))
-                         / 2 ** (only_grpo + only_arm)) if only_grpo + only_arm else 1.0
+                         / 2 ** (only_grpo + only_arm)) if only_grpo + only_arm else None  # nothing to test
             finals = {m: paired_test(100 * np.array([per_seed[s][a][k] - per_seed[s]["grpo"][k] for s in seeds]))
                       for m, k in (("greedy", f"acc_L{L}"), ("avgk", "avgk"))}
             result["arms"][a] = dict(step=test, collapse={"only_grpo": only_grpo, "only_arm": only_arm, "sign_p": sign_p},
@@ -968,7 +972,8 @@ def step_test(cfg):
                       f"two-sided); Wilcoxon signed-rank p = {test['p_wilcoxon']:.3f}; minimum detectable effect "
                       f"{test['mde']:.1f}.", "",
                       f"Collapses (> 10 points lost) on one arm of the pair only: grpo on {only_grpo} of {test['n']} seeds, "
-                      f"{a} on {only_arm}; exact sign test p = {sign_p:.3f}. Final layer, {a} - grpo: greedy {finals['greedy']['mean']:+.1f} "
+                      f"{a} on {only_arm}; " + (f"exact sign test p = {sign_p:.3f}." if sign_p is not None else
+                      "no seed collapsed under one arm only, so the sign test has nothing to test.") + f" Final layer, {a} - grpo: greedy {finals['greedy']['mean']:+.1f} "
                       f"[{finals['greedy']['lo']:+.1f}, {finals['greedy']['hi']:+.1f}], Avg@{c['avg_k']} "
                       f"{finals['avgk']['mean']:+.1f} [{finals['avgk']['lo']:+.1f}, {finals['avgk']['hi']:+.1f}] points."]
         worst = seeds[int(change["grpo"].argmin())]
@@ -1022,7 +1027,7 @@ def unfaithful_example(cfg, grid_config, path, seed, rows):
     lines = [f"grpo, seed {seed}: {len(unfaithful)} of its {len(right)} right answers carry a wrong running sum"]
     if unfaithful:
         prompt = env.test[unfaithful[0]][0]
-        lines += [f"{'problem':>14}  {prompt}", f"{'worked':>14}  {prompt}{env.task.solution(prompt)}"]
+        lines += [f"{'problem':>14}  {prompt}", f"{'solution':>14}  {prompt}{env.task.solution(prompt)}"]
         lines += [f"{row:>14}  {prompt}{completions[row][unfaithful[0]].replace(EOS, '')}" for row in rows]
     return lines
 
@@ -1033,18 +1038,19 @@ def plot_step_changes(cfg, results):
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 5), squeeze=False)
     for ax, (path, r) in zip(axes[0], results.items()):
         start = np.array(r["step_acc"]["warm-up start"])
         grpo = np.array(r["step_acc"]["grpo"]) - start
         for arm in r["arms"]:
-            ax.scatter(grpo, np.array(r["step_acc"][arm]) - start, label=arm)
+            ax.scatter(grpo, np.array(r["step_acc"][arm]) - start, label=f"{arm} (one point per seed)")
         lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
-        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
-        ax.axhline(-10, color="gray", lw=0.5, ls=":")
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, label="same change as grpo (below: the arm lost more)")
+        ax.axhline(-10, color="gray", lw=0.5, ls=":", label="-10 points: a collapse")
         ax.axvline(-10, color="gray", lw=0.5, ls=":")
-        ax.set(xlabel="grpo: step accuracy change from the warm-up start (points)",
-               ylabel="arm: the same (points)", title=f"{path}, {len(grpo)} seeds")
+        ax.set(xlabel="grpo: step accuracy minus the warm-up start's (points)",
+               ylabel="the aligned arm: step accuracy minus the warm-up start's (points)",
+               title=f"{os.path.basename(os.path.normpath(path))}: {len(grpo)} seeds, held-out greedy step accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "step_test.png"), dpi=90)

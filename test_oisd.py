@@ -1278,6 +1278,14 @@ def test_step_test_reads_a_grid_and_tests_each_arm_against_grpo(tmp_path, capsys
     assert r["missed"] == {"7": 0.1} and r["arms"]["oisd"]["greedy"]["mean"] == pytest.approx(0.0)
     text = (tmp_path / "step_test.md").read_text()
     assert "Missed warm-ups (no RL): 7 (10.0%)" in text and "seed 0 (grpo's largest loss" in text
+    assert f"arms {cfg['arms']}, {cfg['rl_steps']} RL steps" in text and f"seeds run: {cfg['seeds']}." in text  # for audit
+    for rows in per_seed.values():  # both arms collapse on the same seeds: no discordant seed, no sign test
+        rows["oisd"] = dict(rows["grpo"])
+    write(per_seed)
+    experiments.main([f"--step_test={tmp_path / 'g'}", f"--out_dir={tmp_path}"])
+    r = json.load(open(tmp_path / "step_test.json"))[str(tmp_path / "g")]
+    assert r["arms"]["oisd"]["collapse"] == {"only_grpo": 0, "only_arm": 0, "sign_p": None}
+    assert "the sign test has nothing to test" in (tmp_path / "step_test.md").read_text()
 
 
 def test_step_test_runs_on_a_real_chain_grid(tmp_path, capsys, monkeypatch):
