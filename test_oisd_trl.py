@@ -237,12 +237,14 @@ def test_left_padded_prompts_give_oisd_terms_of_each_unpadded_group(tmp_path):
 
 def test_trl_logprobs_of_a_padded_prompt_equal_those_of_the_unpadded_one(tmp_path):
     """The old-policy and reference log-probs TRL takes outside _compute_loss see the same positions as
-    sampling: a left-padded row's completion log-probs equal the unpadded row's (the policy; a reference
-    model, with beta > 0, gets the same hook but TRL loads it from a path, which a test model lacks)."""
+    sampling: a left-padded row's completion log-probs equal the unpadded row's, for the policy and for the
+    reference model that TRL loads from the policy's path when beta > 0."""
     prompts, prompt_mask, comp, mask, adv = left_padded(PAD_ID)
-    tr = trainer_for(ot.to_hf(sharp_gpt()), tmp_path)
+    ot.to_hf(sharp_gpt()).save_pretrained(str(tmp_path / "policy"))
+    tr = trainer_for(ot.load_oisd_model(str(tmp_path / "policy")), tmp_path, beta=0.04)
+    assert tr.ref_model is not None and tr.ref_model is not tr.model
     C = comp.size(1)
-    for model in (tr.model,):
+    for model in (tr.model, tr.ref_model):
         padded = tr._get_per_token_logps_and_entropies(model, torch.cat([prompts, comp], 1)[:4],
                                                        torch.cat([prompt_mask, mask.long()], 1)[:4], C)[0]
         plain = tr._get_per_token_logps_and_entropies(model, torch.cat([prompts[:4, 2:], comp[:4]], 1),
