@@ -344,6 +344,9 @@ def has_dropout(model):
 def check_supported(model, args, peft_config=None):
     """Raise OISDError (one line) for anything the bridge does not support; nothing has been built yet."""
     L = len(blocks(model))  # raises for an unknown layout
+    if getattr(model.config, "oisd_exit_norm", None) == "own" and not hasattr(model, "oisd_exit_ln"):
+        raise OISDError("the model was saved with trained exit norms that a plain from_pretrained drops (they would "
+                        "start afresh): load it with oisd_trl.load_oisd_model, or pass its path")
     try:
         layers = layer_list(args)
     except ValueError:
@@ -392,13 +395,14 @@ def check_supported(model, args, peft_config=None):
 class OISDTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is TRL's GRPO loss + (lambda_logit * L_logit + lambda_attn * L_attn) / accumulation
     steps, the two OISD terms computed from TRL's own forward by oisd.py's functions. Logs oisd/logit and
-    oisd/attn (before their lambda). `model` is a loaded model (or a path, loaded with load_oisd_model)."""
+    oisd/attn (before their lambda). `model` is a loaded model (or a path, loaded with load_oisd_model and
+    args.model_init_kwargs)."""
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, peft_config=None, **kwargs):
         if not isinstance(args, OISDConfig):
             raise OISDError(f"args must be an OISDConfig (TRL's GRPOConfig plus OISD's fields), got {type(args).__name__}")
         if isinstance(model, str):
-            model = load_oisd_model(model)
+            model = load_oisd_model(model, **(args.model_init_kwargs or {}))
         check_supported(model, args, peft_config)
         self.oisd_layers, L = layer_list(args), len(blocks(model))
         attach_exit_norms(model, args.exit_norm)

@@ -241,8 +241,10 @@ def test_trl_logprobs_of_a_padded_prompt_equal_those_of_the_unpadded_one(tmp_pat
     reference model that TRL loads from the policy's path when beta > 0."""
     prompts, prompt_mask, comp, mask, adv = left_padded(PAD_ID)
     ot.to_hf(sharp_gpt()).save_pretrained(str(tmp_path / "policy"))
-    tr = trainer_for(ot.load_oisd_model(str(tmp_path / "policy")), tmp_path, beta=0.04)
+    tr = trainer_for(str(tmp_path / "policy"), tmp_path, beta=0.04, model_init_kwargs={"dtype": torch.float64})
     assert tr.ref_model is not None and tr.ref_model is not tr.model
+    assert tr.model.dtype == tr.ref_model.dtype == torch.float64  # a path is loaded with model_init_kwargs
+    torch.testing.assert_close(tr.model.oisd_exit_ln[1].weight, sharp_gpt().exit_ln[1].weight.double())  # its own norms
     C = comp.size(1)
     for model in (tr.model, tr.ref_model):
         padded = tr._get_per_token_logps_and_entropies(model, torch.cat([prompts, comp], 1)[:4],
@@ -499,6 +501,7 @@ REFUSALS = {
     "fsdp": ({}, "fsdp", "FSDP"),
     "bad weighting": (dict(adv_weighting="sometimes"), None, "adv_weighting"),
     "DDP searching unused parameters": (dict(ddp_find_unused_parameters=True), None, "ddp_find_unused_parameters"),
+    "trained exit norms dropped by from_pretrained": ({}, "plain load", "load_oisd_model"),
 }
 
 
@@ -513,6 +516,8 @@ def test_each_refusal_is_one_line(tmp_path, case):
         args.deepspeed_plugin = types.SimpleNamespace(zero_stage=3)
     elif tweak == "fsdp":
         args.fsdp = ["full_shard"]
+    elif tweak == "plain load":  # what AutoModelForCausalLM.from_pretrained gives for a saved OISD model
+        del model.oisd_exit_ln
     with pytest.raises(ot.OISDError) as e:
         ot.check_supported(model, args)
     assert word in str(e.value) and "\n" not in str(e.value)
