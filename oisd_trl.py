@@ -6,14 +6,15 @@ OISD inside Hugging Face TRL: GRPOTrainer plus the two OISD terms of oisd.py, fo
     python oisd_trl.py --model=DIR --reward=my_module:my_reward --prompts=prompts.txt   # any local causal LM
     torchrun --nproc_per_node=2 oisd_trl.py --smoke   # 2 processes (gloo): exit norms identical on both ranks
     python oisd_trl.py --measure=speed     # seconds per TRL step, OISD against plain GRPO, alternated
-    python oisd_trl.py --measure=memory    # peak memory of the logit term, chunked against unchunked
+    python oisd_trl.py --measure=memory    # peak memory of the logit and attention terms, chunked against unchunked
 
 How it hooks in: TRL's forward returns only log-probabilities (a fused LM head), so forward hooks keep, during
 TRL's own training forward, the residual stream after each aligned block and the backbone's final-normed
 hidden state; the exit and teacher logits are then two extra unembeddings at the response positions
 (hidden[:, -C-1:-1] for C completion tokens; the teacher's without grad), in chunks of positions. With the
 attention term on, an attention function runs eager (fp32 probabilities) in the aligned layers and the last
-one and sdpa in every other; it keeps the probabilities while a training forward is recorded. The terms
+one and sdpa in every other; it keeps the probabilities while a training forward is recorded, and the
+attention term reads their response rows in chunks of positions too. The terms
 themselves are oisd.py's logit_alignment_loss and attention_alignment_loss (js_divergence,
 alignment_weights): the same math, not a second copy.
 
@@ -87,6 +88,7 @@ class OISDConfig(GRPOConfig):
     exit_norm: str = field(default="own", metadata={"help": "own: a norm per exit | ln_f: the logit lens"})
     align_reduction: str = field(default="token", metadata={"help": "token | sequence (oisd.masked_mean)"})
     exit_chunk: int = field(default=256, metadata={"help": "response positions per exit-logit chunk; 0: all at once"})
+    attn_chunk: int = field(default=256, metadata={"help": "response positions per attention-term chunk; 0: all at once"})
     loss_type: str = field(default="bnpo", metadata={"help": "TRL's; the OISD terms need a per-micro-batch one: "
                                                               "bnpo (token mean, as oisd.py), grpo or dr_grpo"})
 
@@ -257,11 +259,7 @@ def logit_term(student_h, teacher_h, norm, head, weights, mask, reduction="token
         with torch.no_grad():
             teacher = exit_logits(None, head, teacher_h)  # (N, R, V)
         return logit_alignment_loss(exit_logits(norm, head, student_h), teacher, weights, mask, reduction)
-    N = mask.size(0)
-    if reduction == "token":
-        per_row = weights / mask.sum().clamp_min(1)  # (N,)
-    else:
-        per_row = weights / (N * mask.sum(1).clamp_min(1))
+    per_row = chunk_weights(weights, mask, reduction)  # (N,)
     keep = mask > 0  # (N, R)
     hs, ht, w = student_h[keep], teacher_h[keep], per_row.unsqueeze(1).expand_as(mask)[keep]  # (M, d), (M, d), (M,)
 
@@ -275,6 +273,34 @@ def logit_term(student_h, teacher_h, norm, head, weights, mask, reduction="token
     total = sum(p.sum() for p in norm.parameters()) * 0.0
     for i in range(0, hs.size(0), chunk):
         total = total + checkpoint(piece, hs[i:i + chunk], ht[i:i + chunk], w[i:i + chunk], use_reentrant=False)
+    return total
+
+
+def chunk_weights(weights, mask, reduction):
+    """weights: (N,), mask: (N, R) -> (N,) per-position weights c_n such that the sum over every unmasked
+    position (n, r) of c_n * value[n, r] is masked_mean(weights[:, None] * value, mask, reduction): what a sum
+    over chunks of positions needs to add up to the unchunked term."""
+    if reduction == "token":
+        return weights / mask.sum().clamp_min(1)
+    return weights / (mask.size(0) * mask.sum(1).clamp_min(1))
+
+
+def attention_term(student, teacher, weights, mask, reduction="token", chunk=0):
+    """oisd.attention_alignment_loss of student: (N, nh, R, K) attention rows of an aligned layer against
+    teacher (the same of the last layer; no gradient flows into it). chunk > 0: the R positions in slices of
+    `chunk`, each under activation checkpointing, so that the JSD's intermediates (about 8 copies of the rows,
+    measured) exist for one slice at a time, forward and backward. Returns a scalar."""
+    if not chunk:
+        return attention_alignment_loss(student, teacher, weights, mask, reduction)
+    per_row = chunk_weights(weights, mask, reduction)  # (N,)
+
+    def piece(s, t, m):  # (N, nh, r, K), (N, nh, r, K), (N, r) -> the sum of c_n * JSD over these positions
+        return attention_alignment_loss(s, t, per_row, m, "token") * m.sum().clamp_min(1)
+
+    total = student.new_zeros(())
+    for i in range(0, mask.size(1), chunk):  # slices are views: nothing is copied
+        total = total + checkpoint(piece, student[:, :, i:i + chunk], teacher[:, :, i:i + chunk], mask[:, i:i + chunk],
+                                   use_reentrant=False)
     return total
 
 
@@ -360,8 +386,9 @@ def check_supported(model, args, peft_config=None):
     for name in ("lambda_logit", "lambda_attn"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             raise OISDError(f"{name} must be a finite number >= 0, got {getattr(args, name)}")
-    if args.exit_chunk < 0:
-        raise OISDError(f"exit_chunk must be >= 0 (0: unchunked), got {args.exit_chunk}")
+    for name in ("exit_chunk", "attn_chunk"):
+        if getattr(args, name) < 0:
+            raise OISDError(f"{name} must be >= 0 (0: unchunked), got {getattr(args, name)}")
     on = args.lambda_logit > 0 or args.lambda_attn > 0
     if on and args.loss_type not in ("bnpo", "grpo", "dr_grpo"):
         raise OISDError(f"loss_type={args.loss_type!r}: with the OISD terms (a mean per micro-batch) use bnpo "
@@ -446,7 +473,7 @@ class OISDTrainer(GRPOTrainer):
         if args.lambda_attn > 0:  # rows of the response positions (N, nh, C, T), over every key
             rows = {layer: a[:, :, -C - 1:-1] for layer, a in rec["attn"].items()}
             L = self.oisd_attn_layers[-1]
-            terms["attn"] = sum(attention_alignment_loss(rows[layer], rows[L], weights, mask, red)
+            terms["attn"] = sum(attention_term(rows[layer], rows[L], weights, mask, red, args.attn_chunk)
                                 for layer in self.oisd_layers) / n
         mode = "train" if self.model.training else "eval"
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # as TRL scales its loss
@@ -617,7 +644,7 @@ def run_smoke(a):
         # no search for unused parameters in any arm (as with TRL's default checkpointing): in the grpo arm DDP
         # would then stop on the exit norms, which the loss does not use, were they not frozen
         args = trl_args(cfg, os.path.join(a.out_dir, arm), a.max_steps, max_completion_length=env.max_new,
-                        logging_steps=1, exit_chunk=a.exit_chunk, ddp_find_unused_parameters=False)
+                        logging_steps=1, exit_chunk=a.chunk, attn_chunk=a.chunk, ddp_find_unused_parameters=False)
         trainer = OISDTrainer(model=hf, args=args, reward_funcs=random_reward, processing_class=arithmetic_tokenizer(),
                               train_dataset=arithmetic_dataset(env, 64, cfg.seed))
         trainer.train()
@@ -676,15 +703,29 @@ def measure_memory_one(chunk, vocab, tokens, d):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
+def measure_attention_memory_one(chunk, heads, rows, keys):
+    """Peak RSS increase (MiB) of attention_term forward + backward on random (1, heads, rows, keys) attention
+    rows (run in a fresh process); the rows themselves exist before the measurement, as in training."""
+    torch.manual_seed(0)
+    student = torch.randn(1, heads, rows, keys).softmax(-1).requires_grad_()
+    teacher = torch.randn(1, heads, rows, keys).softmax(-1)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    attention_term(student, teacher, torch.ones(1), torch.ones(1, rows), "token", chunk).backward()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
 def measure_memory(a):
     """Each setting in a fresh process; glibc's mmap threshold fixed at 64 KiB so that freed large tensors go back
     to the system (with its default, moving threshold the peak RSS depends on the order of allocations)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    for chunk in (0, 1024, 256, 64):
-        out = subprocess.run([sys.executable, __file__, "--measure=memory_one", f"--exit_chunk={chunk}"], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        print(f"logit term, vocab 50,257, 2,048 completion tokens, hidden 64, forward + backward, "
-              f"{'unchunked' if chunk == 0 else f'chunks of {chunk}'}: peak RSS +{float(out):.0f} MiB", flush=True)
+    for term, chunks in (("memory_one", (0, 1024, 256, 64)), ("attn_memory_one", (0, 256, 64))):
+        for chunk in chunks:
+            out = subprocess.run([sys.executable, __file__, f"--measure={term}", f"--chunk={chunk}"], env=env,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            what = ("logit term, vocab 50,257, 2,048 completion tokens, hidden 64" if term == "memory_one" else
+                    "attention term, 16 heads, 1,024 completion tokens, 2,048 keys (one copy of the rows: 128 MiB)")
+            print(f"{what}, forward + backward, {'unchunked' if chunk == 0 else f'chunks of {chunk}'}: "
+                  f"peak RSS +{float(out):.0f} MiB", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -698,9 +739,9 @@ def main(argv):
     p.add_argument("--max_steps", type=int, default=300, help="TRL steps per arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny random model, a few steps per arm, exit norms compared across ranks")
-    p.add_argument("--measure", default="", choices=["", "speed", "memory", "memory_one"])
+    p.add_argument("--measure", default="", choices=["", "speed", "memory", "memory_one", "attn_memory_one"])
     p.add_argument("--rounds", type=int, default=3, help="--measure=speed: alternated rounds")
-    p.add_argument("--exit_chunk", type=int, default=256, help="--measure=memory_one: positions per chunk")
+    p.add_argument("--chunk", type=int, default=256, help="positions per chunk of both terms in --smoke and --measure=*memory_one")
     g = p.add_argument_group("any local model (--model)")
     g.add_argument("--model", default="", help="a local Hugging Face causal LM directory")
     g.add_argument("--reward", default="", help="module:function, a TRL reward function")
@@ -735,7 +776,9 @@ def main(argv):
         except OSError as e:
             raise OISDError(f"--out_dir={a.out_dir} is not a usable directory ({e.strerror})") from None
         if a.measure == "memory_one":
-            print(measure_memory_one(a.exit_chunk, 50257, 2048, 64))
+            print(measure_memory_one(a.chunk, 50257, 2048, 64))
+        elif a.measure == "attn_memory_one":
+            print(measure_attention_memory_one(a.chunk, 16, 1024, 2048))
         elif a.measure == "memory":
             measure_memory(a)
         elif a.measure == "speed":

@@ -80,7 +80,7 @@ def trainer_for(model, tmp_path, cls=None, **overrides):
     cls = cls or ot.OISDTrainer
     args = ot.OISDConfig(**kw) if cls is ot.OISDTrainer else ot.GRPOConfig(
         **{k: v for k, v in kw.items() if k not in ("align_layers", "lambda_logit", "lambda_attn", "adv_weighting",
-                                                    "exit_norm", "align_reduction", "exit_chunk")})
+                                                    "exit_norm", "align_reduction", "exit_chunk", "attn_chunk")})
     tr = cls(model=model, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args,
              processing_class=ot.arithmetic_tokenizer(), train_dataset=Dataset.from_dict({"prompt": ["12+34="] * 8}))
     tr.model.train()
@@ -309,8 +309,8 @@ def test_chunked_equals_unchunked(tmp_path, reduction):
     g = sharp_gpt()
     seq, comp, mask, adv = batch()
     inputs = inputs_of(seq[:, :6], comp, mask, adv)
-    runs = [loss_and_grads(trainer_for(ot.to_hf(g), tmp_path, exit_chunk=chunk, align_reduction=reduction,
-                                       align_layers="1,2"), inputs) for chunk in (0, 3)]
+    runs = [loss_and_grads(trainer_for(ot.to_hf(g), tmp_path, exit_chunk=chunk, attn_chunk=attn, align_reduction=reduction,
+                                       align_layers="1,2"), inputs) for chunk, attn in ((0, 0), (3, 2))]
     assert_same(*runs)
 
 
@@ -324,6 +324,24 @@ def test_chunked_logit_term_equals_core_function_in_both_reductions():
         want = ot.logit_alignment_loss(head(norm(s)), head(t), w, mask, reduction)
         got = ot.logit_term(s, t, norm, head, w, mask, reduction, chunk=4)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_attention_term_equals_core_function_in_both_reductions():
+    torch.manual_seed(0)
+    s = (torch.randn(3, 2, 7, 9) * 3).softmax(-1).requires_grad_()
+    t = (torch.randn(3, 2, 7, 9) * 3).softmax(-1).requires_grad_()
+    mask = (torch.rand(3, 7) > 0.3).float()
+    mask[1] = 0  # a row with nothing to align
+    w = torch.tensor([1.0, -0.5, 2.0])
+    for reduction in ("token", "sequence"):
+        want = ot.attention_alignment_loss(s, t, w, mask, reduction)
+        want_grad, = torch.autograd.grad(want, s)
+        for chunk in (1, 3, 7, 50):
+            got = ot.attention_term(s, t, w, mask, reduction, chunk)
+            got_grad, got_t = torch.autograd.grad(got, (s, t), allow_unused=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+            assert got_t is None or not got_t.any()  # the teacher's rows get no gradient
 
 
 @pytest.mark.parametrize("reentrant,knobs", [(False, dict(lambda_attn=0.1)), (True, dict(lambda_attn=0.0))])
