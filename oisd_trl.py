@@ -20,7 +20,7 @@ alignment_weights): the same math, not a second copy.
 
 Simplifications, stated up front: the OISD terms are reduced per micro-batch (masked_mean, token or
 sequence) and divided by the gradient-accumulation steps as TRL divides its own loss, so only TRL's
-per-micro-batch loss types are allowed (bnpo, the default here, grpo, dr_grpo); GPT-2's training forward
+per-micro-batch loss types are allowed (bnpo, the default here, grpo, dr_grpo, sapo, luspo); GPT-2's training forward
 gets the positions generation used (positions_from_mask); exit norms exist for every layer 1..L-1 but only
 the aligned ones train. Refused (one line, before training): TRL's global-token loss types (dapo, cispo,
 vespo), vLLM generation, DeepSpeed ZeRO-3 and FSDP (the exit head reads the unembedding outside the
@@ -90,7 +90,7 @@ class OISDConfig(GRPOConfig):
     exit_chunk: int = field(default=256, metadata={"help": "response positions per exit-logit chunk; 0: all at once"})
     attn_chunk: int = field(default=256, metadata={"help": "response positions per attention-term chunk; 0: all at once"})
     loss_type: str = field(default="bnpo", metadata={"help": "TRL's; the OISD terms need a per-micro-batch one: "
-                                                              "bnpo (token mean, as oisd.py), grpo or dr_grpo"})
+                                                              "bnpo (token mean, as oisd.py), grpo, dr_grpo, sapo or luspo"})
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +367,10 @@ def has_dropout(model):
                for m in model.modules())
 
 
+# TRL's loss types that reduce per micro-batch and divide by the accumulation steps, as the OISD terms do
+PER_MICRO_BATCH_LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "sapo", "luspo")
+
+
 def check_supported(model, args, peft_config=None):
     """Raise OISDError (one line) for anything the bridge does not support; nothing has been built yet."""
     L = len(blocks(model))  # raises for an unknown layout
@@ -390,9 +394,9 @@ def check_supported(model, args, peft_config=None):
         if getattr(args, name) < 0:
             raise OISDError(f"{name} must be >= 0 (0: unchunked), got {getattr(args, name)}")
     on = args.lambda_logit > 0 or args.lambda_attn > 0
-    if on and args.loss_type not in ("bnpo", "grpo", "dr_grpo"):
+    if on and args.loss_type not in PER_MICRO_BATCH_LOSS_TYPES:
         raise OISDError(f"loss_type={args.loss_type!r}: with the OISD terms (a mean per micro-batch) use bnpo "
-                        "(OISDConfig's default), grpo or dr_grpo; dapo, cispo and vespo normalise globally")
+                        "(OISDConfig's default), grpo, dr_grpo, sapo or luspo; dapo, cispo and vespo normalise globally")
     if args.use_vllm:
         raise OISDError("vLLM generation is not supported: its weight sync would push the exit norms too (untested); "
                         "set use_vllm=False")

@@ -291,6 +291,19 @@ def test_lambda_zero_equals_plain_grpo_trainer(tmp_path):
     assert not torch.equal(with_terms._compute_loss(with_terms.model, inputs), loss_plain)
 
 
+@pytest.mark.parametrize("loss_type", ot.PER_MICRO_BATCH_LOSS_TYPES)
+def test_each_allowed_loss_type_is_trls_loss_plus_the_terms(tmp_path, loss_type):
+    g = sharp_gpt()
+    seq, comp, mask, adv = batch()
+    inputs = inputs_of(seq[:, :6], comp, mask, adv)
+    kw = dict(loss_type=loss_type, importance_sampling_level="sequence" if loss_type == "luspo" else "token")
+    plain = trainer_for(ot.to_hf(g), tmp_path, cls=ot.GRPOTrainer, **kw)
+    ours = trainer_for(ot.to_hf(g), tmp_path, lambda_logit=1.0, lambda_attn=0.1, **kw)
+    extra = ours._compute_loss(ours.model, inputs) - plain._compute_loss(plain.model, inputs)
+    assert logged(ours, "logit") > 1e-3 and logged(ours, "attn") > 1e-3
+    assert extra.item() == pytest.approx(logged(ours, "logit") + 0.1 * logged(ours, "attn"), rel=1e-5)
+
+
 def loss_and_grads(tr, inputs):
     loss = tr._compute_loss(tr.model, inputs)
     loss.backward()
