@@ -57,11 +57,12 @@ from tasks import CHARS, EOS, PAD, sample_problems
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: every model and tokenizer is local
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerCallback  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, __version__ as trl_version  # noqa: E402
+from trl.trainer.utils import create_model_from_path  # noqa: E402
 
 # Where each model family keeps its blocks, its final norm and each block's attention (model.config.model_type).
 LAYOUTS = {
@@ -142,9 +143,10 @@ def exit_logits(norm, head, h):
 
 
 def load_oisd_model(path, **kwargs):
-    """from_pretrained, then the exit norms back from the saved weights (a plain from_pretrained drops them).
+    """The model at `path` loaded as GRPOTrainer loads a path (TRL's create_model_from_path: fp32 unless kwargs
+    give a dtype), then the exit norms back from the saved weights (a plain from_pretrained drops them).
     Raises OISDError if the directory says it has exit norms but their weights are missing."""
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = create_model_from_path(path, **kwargs)
     if getattr(model.config, "oisd_exit_norm", None) != "own":
         return model
     from safetensors.torch import load_file
@@ -288,20 +290,40 @@ def chunk_weights(weights, mask, reduction):
 def attention_term(student, teacher, weights, mask, reduction="token", chunk=0):
     """oisd.attention_alignment_loss of student: (N, nh, R, K) attention rows of an aligned layer against
     teacher (the same of the last layer; no gradient flows into it). chunk > 0: the R positions in slices of
-    `chunk`, each under activation checkpointing, so that the JSD's intermediates (about 8 copies of the rows,
+    `chunk` (ChunkedAttentionTerm), so that the JSD's intermediates (about 11 copies of the rows unchunked,
     measured) exist for one slice at a time, forward and backward. Returns a scalar."""
     if not chunk:
         return attention_alignment_loss(student, teacher, weights, mask, reduction)
-    per_row = chunk_weights(weights, mask, reduction)  # (N,)
+    return ChunkedAttentionTerm.apply(student, teacher.detach(), chunk_weights(weights, mask, reduction).detach(), mask, chunk)
 
-    def piece(s, t, m):  # (N, nh, r, K), (N, nh, r, K), (N, r) -> the sum of c_n * JSD over these positions
-        return attention_alignment_loss(s, t, per_row, m, "token") * m.sum().clamp_min(1)
 
-    total = student.new_zeros(())
-    for i in range(0, mask.size(1), chunk):  # slices are views: nothing is copied
-        total = total + checkpoint(piece, student[:, :, i:i + chunk], teacher[:, :, i:i + chunk], mask[:, i:i + chunk],
-                                   use_reentrant=False)
-    return total
+class ChunkedAttentionTerm(torch.autograd.Function):
+    """The sum over slices of positions of sum_{n,r} c_n * mask * JSD(rows): forward without a graph; backward
+    recomputes each slice with a graph and writes its gradient into one buffer of the rows' shape (autograd of
+    slices would allocate a full-size zero gradient per slice)."""
+
+    @staticmethod
+    def piece(s, t, c, m):  # (N, nh, r, K), (N, nh, r, K), (N,), (N, r) -> the sum of c_n * JSD over these positions
+        return attention_alignment_loss(s, t, c, m, "token") * m.sum().clamp_min(1)
+
+    @staticmethod
+    def forward(ctx, student, teacher, per_row, mask, chunk):
+        ctx.save_for_backward(student, teacher, per_row, mask)
+        ctx.chunk = chunk
+        R, piece = mask.size(1), ChunkedAttentionTerm.piece
+        return sum((piece(student[:, :, i:i + chunk], teacher[:, :, i:i + chunk], per_row, mask[:, i:i + chunk])
+                    for i in range(0, R, chunk)), student.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, per_row, mask = ctx.saved_tensors
+        grad, chunk = torch.empty_like(student), ctx.chunk
+        for i in range(0, mask.size(1), chunk):
+            with torch.enable_grad():
+                s = student[:, :, i:i + chunk].detach().requires_grad_()
+                grad[:, :, i:i + chunk], = torch.autograd.grad(
+                    ChunkedAttentionTerm.piece(s, teacher[:, :, i:i + chunk], per_row, mask[:, i:i + chunk]), s)
+        return grad.mul_(grad_out), None, None, None, None
 
 
 def first_tensor(output):
@@ -374,7 +396,8 @@ PER_MICRO_BATCH_LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "sapo", "luspo")
 def check_supported(model, args, peft_config=None):
     """Raise OISDError (one line) for anything the bridge does not support; nothing has been built yet."""
     L = len(blocks(model))  # raises for an unknown layout
-    if getattr(model.config, "oisd_exit_norm", None) == "own" and not hasattr(model, "oisd_exit_ln"):
+    if (args.exit_norm == "own" and getattr(model.config, "oisd_exit_norm", None) == "own"
+            and not hasattr(model, "oisd_exit_ln")):
         raise OISDError("the model was saved with trained exit norms that a plain from_pretrained drops (they would "
                         "start afresh): load it with oisd_trl.load_oisd_model, or pass its path")
     try:
@@ -432,8 +455,12 @@ class OISDTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args=None, *pargs, peft_config=None, **kwargs):
         if not isinstance(args, OISDConfig):
             raise OISDError(f"args must be an OISDConfig (TRL's GRPOConfig plus OISD's fields), got {type(args).__name__}")
-        if isinstance(model, str):
-            model = load_oisd_model(model, **(args.model_init_kwargs or {}))
+        if isinstance(model, str):  # with the keyword arguments GRPOTrainer would load it with
+            kw = dict(args.model_init_kwargs or {})
+            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+                kw["device_map"] = None
+            kw.setdefault("trust_remote_code", args.trust_remote_code)
+            model = load_oisd_model(model, **kw)
         check_supported(model, args, peft_config)
         self.oisd_layers, L = layer_list(args), len(blocks(model))
         attach_exit_norms(model, args.exit_norm)
@@ -544,7 +571,7 @@ def trl_args(cfg, out_dir, max_steps, max_completion_length, **overrides):
     """The OISDConfig of an arm of oisd.Config `cfg`: its batch (prompts_per_step x group_size), learning rate,
     clip, num_iterations, token-mean loss and OISD knobs; fp32 on the CPU (TRL would pick bf16), no
     checkpointing, dropout off. `overrides` replace any of these. TRL's max_steps counts optimizer steps, so
-    with num_iterations = mu it samples max_steps / mu rollout batches (oisd.py's rl_steps counts rollouts)."""
+    with num_iterations = mu it samples one rollout batch every mu of them (oisd.py's rl_steps counts rollouts)."""
     kw = dict(output_dir=out_dir, per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
               num_generations=cfg.group_size, max_completion_length=max_completion_length, learning_rate=cfg.rl_lr,
               lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=cfg.grad_clip, epsilon=cfg.clip_eps,
@@ -696,15 +723,21 @@ def measure_speed(a):
     return med
 
 
+def peak_increase_mib(run):
+    """Peak RSS during run() minus the RSS just before it, in MiB (Linux: /proc/self/statm and ru_maxrss). The
+    baseline is the current RSS, not the peak so far, which freed temporaries may have set higher."""
+    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2 ** 20
+
+
 def measure_memory_one(chunk, vocab, tokens, d):
     """Peak RSS increase (MiB) of logit_term forward + backward on random tensors (run in a fresh process)."""
     torch.manual_seed(0)
     head, norm = nn.Linear(d, vocab, bias=False), nn.LayerNorm(d)
     student = torch.randn(1, tokens, d, requires_grad=True)
     teacher, mask, w = torch.randn(1, tokens, d), torch.ones(1, tokens), torch.ones(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    logit_term(student, teacher, norm, head, w, mask, "token", chunk).backward()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return peak_increase_mib(lambda: logit_term(student, teacher, norm, head, w, mask, "token", chunk).backward())
 
 
 def measure_attention_memory_one(chunk, heads, rows, keys):
@@ -713,9 +746,8 @@ def measure_attention_memory_one(chunk, heads, rows, keys):
     torch.manual_seed(0)
     student = torch.randn(1, heads, rows, keys).softmax(-1).requires_grad_()
     teacher = torch.randn(1, heads, rows, keys).softmax(-1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    attention_term(student, teacher, torch.ones(1), torch.ones(1, rows), "token", chunk).backward()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return peak_increase_mib(lambda: attention_term(student, teacher, torch.ones(1), torch.ones(1, rows), "token",
+                                                    chunk).backward())
 
 
 def measure_memory(a):

@@ -254,6 +254,16 @@ def test_trl_logprobs_of_a_padded_prompt_equal_those_of_the_unpadded_one(tmp_pat
         torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
 
 
+def test_a_path_loads_in_fp32_as_grpo_trainer_loads_it(tmp_path):
+    """A checkpoint saved in bf16, given as a path with no model_init_kwargs, trains fp32 weights (TRL's default for
+    a path; from_pretrained's own default would keep bf16, where a 1e-6 update rounds away), exit norms restored."""
+    hf = ot.to_hf(sharp_gpt()).to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path / "bf16"))
+    tr = trainer_for(str(tmp_path / "bf16"), tmp_path)
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    torch.testing.assert_close(tr.model.oisd_exit_ln[1].weight, hf.oisd_exit_ln[1].weight.float(), rtol=0, atol=0)
+
+
 def test_global_token_loss_types_are_refused(tmp_path):
     """dapo (TRL's own default), cispo and vespo normalise by the global token count; the OISD terms do not."""
     for loss_type in ("dapo", "cispo", "vespo"):
@@ -299,9 +309,12 @@ def test_each_allowed_loss_type_is_trls_loss_plus_the_terms(tmp_path, loss_type)
     kw = dict(loss_type=loss_type, importance_sampling_level="sequence" if loss_type == "luspo" else "token")
     plain = trainer_for(ot.to_hf(g), tmp_path, cls=ot.GRPOTrainer, **kw)
     ours = trainer_for(ot.to_hf(g), tmp_path, lambda_logit=1.0, lambda_attn=0.1, **kw)
-    extra = ours._compute_loss(ours.model, inputs) - plain._compute_loss(plain.model, inputs)
-    assert logged(ours, "logit") > 1e-3 and logged(ours, "attn") > 1e-3
-    assert extra.item() == pytest.approx(logged(ours, "logit") + 0.1 * logged(ours, "attn"), rel=1e-5)
+    for accumulation in (1, 2):  # TRL divides its loss by the accumulation steps, and the terms with it
+        plain.current_gradient_accumulation_steps = ours.current_gradient_accumulation_steps = accumulation
+        extra = ours._compute_loss(ours.model, inputs) - plain._compute_loss(plain.model, inputs)
+        assert logged(ours, "logit") > 1e-3 and logged(ours, "attn") > 1e-3
+        terms = logged(ours, "logit") + 0.1 * logged(ours, "attn")
+        assert extra.item() == pytest.approx(terms / accumulation, rel=1e-5)
 
 
 def loss_and_grads(tr, inputs):
@@ -370,6 +383,24 @@ def test_checkpointing_on_equals_off(tmp_path, reentrant, knobs):
     tr.model.train()
     assert all(b.gradient_checkpointing for b in ot.blocks(tr.model))
     assert_same(off, loss_and_grads(tr, inputs))
+
+
+def test_several_chunks_under_checkpointing_equal_one_without(tmp_path):
+    """Both terms in several chunks (exit_chunk 3, attn_chunk 2) inside non-reentrant activation checkpointing
+    against no chunks and no checkpointing; then a micro-batch with no response token at all: finite, zero terms."""
+    g = sharp_gpt()
+    seq, comp, mask, adv = batch()
+    inputs = inputs_of(seq[:, :6], comp, mask, adv)
+    off = loss_and_grads(trainer_for(ot.to_hf(g), tmp_path, align_layers="1,2", exit_chunk=0, attn_chunk=0), inputs)
+    tr = trainer_for(ot.to_hf(g), tmp_path, align_layers="1,2", exit_chunk=3, attn_chunk=2, activation_checkpointing=True,
+                     activation_checkpointing_kwargs={"use_reentrant": False})
+    tr.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    tr.model.train()
+    assert_same(off, loss_and_grads(tr, inputs))
+    tr.model.zero_grad()
+    loss, got = loss_and_grads(tr, inputs_of(seq[:, :6], comp, torch.zeros_like(mask), adv))
+    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in got.values())
+    assert logged(tr, "logit") == 0.0 and logged(tr, "attn") == 0.0
 
 
 def test_grad_accumulation_of_two_equals_one_batch_of_twice_the_size(tmp_path):
@@ -555,6 +586,8 @@ def test_each_refusal_is_one_line(tmp_path, case):
     if case == "dropout left on":  # the trainer refuses it before building anything
         with pytest.raises(ot.OISDError):
             ot.OISDTrainer(model=model, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args)
+    if case == "trained exit norms dropped by from_pretrained":  # with the logit lens there is nothing to lose
+        ot.check_supported(model, config(tmp_path, exit_norm="ln_f"))
     if case == "reentrant with the attention term":  # with the attention term off it is supported
         ot.check_supported(model, config(tmp_path, lambda_attn=0.0, **kw))
 
