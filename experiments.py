@@ -869,8 +869,9 @@ def speculative_table(results):
 # -----------------------------------------------------------------------------
 # RESULTS.md
 
-def headline_rows(c, summary):
-    """A grid's config and summary -> (its setting in words, its rows of the headline table)."""
+def headline_rows(c, summary, seeds):
+    """A grid's config, summary and seeds -> (its setting in words, its rows of the headline table). The
+    seeds are named, so that two grids of one setting (earlier seeds, fresh seeds) are told apart."""
     setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
                f"{c['n_layer']} layers")
     rows = []
@@ -882,7 +883,7 @@ def headline_rows(c, summary):
         paper = (f"+{pct(s['avgk_paper_effect'])} ({s['avgk_seeds_needed']:.0f})"
                  if "avgk_paper_effect" in s and not math.isnan(s["avgk_seeds_needed"]) else
                  (f"+{pct(s['avgk_paper_effect'])} (>1000)" if "avgk_paper_effect" in s else ""))
-        rows.append(f"| {setting} | {s['n']:.0f} | {arm} | {pct(s['final_mean'])} | {diff_cell(s, 'final')} | "
+        rows.append(f"| {setting} | {s['n']:.0f} ({','.join(seeds)}) | {arm} | {pct(s['final_mean'])} | {diff_cell(s, 'final')} | "
                     f"{pct(s['avgk_mean'])} | {diff_cell(s, 'avgk')} | {paper} | {probe} |")
     return setting, rows
 
@@ -904,7 +905,7 @@ def write_report(cfg):
         try:
             with open(os.path.join(path, "summary.json")) as f:
                 saved = json.load(f)
-            setting, rows = headline_rows(saved["config"], saved["summary"])
+            setting, rows = headline_rows(saved["config"], saved["summary"], list(saved["per_seed"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # corrupt or not a summary: one line
             refuse(f"--report: cannot read {os.path.join(path, 'summary.json')} ({type(e).__name__}); run its grid again")
         lines += rows

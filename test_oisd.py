@@ -1309,7 +1309,8 @@ def test_step_test_runs_on_a_real_chain_grid(tmp_path, capsys, monkeypatch):
         out = capsys.readouterr().out
         assert "(no example: no warm-up of seed" in out and "p = " in out
         experiments.main([f"--report={tmp_path}", f"--out_dir={tmp_path}"])  # RESULTS.md carries the test
-        assert "The step-accuracy test (--step_test):" in (tmp_path / "RESULTS.md").read_text()
+        report = (tmp_path / "RESULTS.md").read_text()
+        assert "The step-accuracy test (--step_test):" in report and "| 2 (0,1) | oisd:1 |" in report
     finally:
         torch.set_num_threads(threads)
 
