@@ -954,7 +954,8 @@ def step_test(cfg):
                          + " | ".join(f"{step[a][i] - step['grpo'][i]:+.1f}" for a in arms) + " |")
         lines += ["", "| row | step acc, mean | change from warm-up start [95% CI] | seeds losing > 10 points |",
                   "|---|---|---|---|"]
-        result = {"seeds": seeds, "missed": missed, "step_acc": {r: step[r].tolist() for r in rows}, "arms": {}}
+        result = {"setting": f"chain, {c['terms']} terms of {c['digits']} digits, {L} layers", "seeds": seeds,
+                  "missed": missed, "step_acc": {r: step[r].tolist() for r in rows}, "arms": {}}
         for r in rows[1:]:
             ch = paired_test(change[r])
             lines.append(f"| {r} | {step[r].mean():.1f} | {ch['mean']:+.1f} [{ch['lo']:+.1f}, {ch['hi']:+.1f}] | "
@@ -1035,7 +1036,8 @@ def unfaithful_example(cfg, grid_config, path, seed, rows):
 
 def plot_step_changes(cfg, results):
     """step_test.png (if matplotlib is installed): per grid, each arm's change in step accuracy from the
-    warm-up start against grpo's on the same seed, one point per seed, with the diagonal (no difference)."""
+    warm-up start against grpo's on the same seed, one point per seed (labelled), with the diagonal: a point's
+    height above it is the tested difference, arm - grpo."""
     plt = pyplot()
     if plt is None:
         return
@@ -1045,13 +1047,16 @@ def plot_step_changes(cfg, results):
         grpo = np.array(r["step_acc"]["grpo"]) - start
         for arm in r["arms"]:
             ax.scatter(grpo, np.array(r["step_acc"][arm]) - start, label=f"{arm} (one point per seed)")
+            for seed, x, y in zip(r["seeds"], grpo, np.array(r["step_acc"][arm]) - start):
+                ax.annotate(str(seed), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
         lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
-        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, label="same change as grpo (below: the arm lost more)")
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8,
+                label="same change as grpo; height above it = arm - grpo")
         ax.axhline(-10, color="gray", lw=0.5, ls=":", label="-10 points: a collapse")
         ax.axvline(-10, color="gray", lw=0.5, ls=":")
         ax.set(xlabel="grpo: step accuracy minus the warm-up start's (points)",
-               ylabel="the aligned arm: step accuracy minus the warm-up start's (points)",
-               title=f"{os.path.basename(os.path.normpath(path))}: {len(grpo)} seeds, held-out greedy step accuracy")
+               ylabel=f"{', '.join(r['arms'])}: step accuracy minus the warm-up start's (points)",
+               title=f"{r['setting']}, {len(grpo)} seeds")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "step_test.png"), dpi=90)
