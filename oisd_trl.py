@@ -6,7 +6,7 @@ OISD inside Hugging Face TRL: GRPOTrainer plus the two OISD terms of oisd.py, fo
     python oisd_trl.py --model=DIR --reward=my_module:my_reward --prompts=prompts.txt   # any local causal LM
     torchrun --nproc_per_node=2 oisd_trl.py --smoke   # 2 processes (gloo): exit norms identical on both ranks
     python oisd_trl.py --measure=speed     # seconds per TRL step, OISD against plain GRPO, alternated
-    python oisd_trl.py --measure=memory    # peak memory of the logit and attention terms, chunked against unchunked
+    python oisd_trl.py --measure=memory    # peak memory of both terms, chunked against unchunked, and of bf16 weights
 
 How it hooks in: TRL's forward returns only log-probabilities (a fused LM head), so forward hooks keep, during
 TRL's own training forward, the residual stream after each aligned block and the backbone's final-normed
@@ -731,12 +731,13 @@ def peak_increase_mib(run):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2 ** 20
 
 
-def measure_memory_one(chunk, vocab, tokens, d):
-    """Peak RSS increase (MiB) of logit_term forward + backward on random tensors (run in a fresh process)."""
+def measure_memory_one(chunk, vocab, tokens, d, dtype=torch.float32):
+    """Peak RSS increase (MiB) of logit_term forward + backward on random tensors with weights and hidden
+    states in `dtype` (run in a fresh process); with bf16 each chunk casts the unembedding to fp32."""
     torch.manual_seed(0)
-    head, norm = nn.Linear(d, vocab, bias=False), nn.LayerNorm(d)
-    student = torch.randn(1, tokens, d, requires_grad=True)
-    teacher, mask, w = torch.randn(1, tokens, d), torch.ones(1, tokens), torch.ones(1)
+    head, norm = nn.Linear(d, vocab, bias=False).to(dtype), nn.LayerNorm(d).to(dtype)
+    student = torch.randn(1, tokens, d, dtype=dtype, requires_grad=True)
+    teacher, mask, w = torch.randn(1, tokens, d, dtype=dtype), torch.ones(1, tokens), torch.ones(1)
     return peak_increase_mib(lambda: logit_term(student, teacher, norm, head, w, mask, "token", chunk).backward())
 
 
@@ -754,14 +755,19 @@ def measure_memory(a):
     """Each setting in a fresh process; glibc's mmap threshold fixed at 64 KiB so that freed large tensors go back
     to the system (with its default, moving threshold the peak RSS depends on the order of allocations)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    for term, chunks in (("memory_one", (0, 1024, 256, 64)), ("attn_memory_one", (0, 256, 64))):
-        for chunk in chunks:
-            out = subprocess.run([sys.executable, __file__, f"--measure={term}", f"--chunk={chunk}"], env=env,
-                                 capture_output=True, text=True, check=True).stdout.strip()
-            what = ("logit term, vocab 50,257, 2,048 completion tokens, hidden 64" if term == "memory_one" else
-                    "attention term, 16 heads, 1,024 completion tokens, 2,048 keys (one copy of the rows: 128 MiB)")
-            print(f"{what}, forward + backward, {'unchunked' if chunk == 0 else f'chunks of {chunk}'}: "
-                  f"peak RSS +{float(out):.0f} MiB", flush=True)
+    logit, attn = "logit term, vocab 50,257, 2,048 completion tokens", "attention term, 16 heads, 1,024 completion " \
+        "tokens, 2,048 keys (one copy of the rows: 128 MiB)"
+    runs = ([(f"{logit}, hidden 64", ["--measure=memory_one", f"--chunk={c}"]) for c in (0, 1024, 256, 64)]
+            + [(attn, ["--measure=attn_memory_one", f"--chunk={c}"]) for c in (0, 256, 64)]
+            + [(f"{logit}, hidden 1,024, {w} weights (fp32 unembedding: 196 MiB)",
+                ["--measure=memory_one", "--chunk=256", "--hidden=1024", f"--weights={w}"]) for w in ("fp32", "bf16")])
+    for what, argv in runs:
+        t0 = time.time()
+        out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        chunk = argv[1].split("=")[1]
+        print(f"{what}, forward + backward, {'unchunked' if chunk == '0' else f'chunks of {chunk}'}: "
+              f"peak RSS +{float(out):.0f} MiB ({time.time() - t0:.1f} s with the process start)", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -778,6 +784,8 @@ def main(argv):
     p.add_argument("--measure", default="", choices=["", "speed", "memory", "memory_one", "attn_memory_one"])
     p.add_argument("--rounds", type=int, default=3, help="--measure=speed: alternated rounds")
     p.add_argument("--chunk", type=int, default=256, help="positions per chunk of both terms in --smoke and --measure=*memory_one")
+    p.add_argument("--hidden", type=int, default=64, help="--measure=memory_one: hidden size")
+    p.add_argument("--weights", default="fp32", choices=["fp32", "bf16"], help="--measure=memory_one: weight dtype")
     g = p.add_argument_group("any local model (--model)")
     g.add_argument("--model", default="", help="a local Hugging Face causal LM directory")
     g.add_argument("--reward", default="", help="module:function, a TRL reward function")
@@ -812,7 +820,7 @@ def main(argv):
         except OSError as e:
             raise OISDError(f"--out_dir={a.out_dir} is not a usable directory ({e.strerror})") from None
         if a.measure == "memory_one":
-            print(measure_memory_one(a.chunk, 50257, 2048, 64))
+            print(measure_memory_one(a.chunk, 50257, 2048, a.hidden, getattr(torch, {"fp32": "float32"}.get(a.weights, "bfloat16"))))
         elif a.measure == "attn_memory_one":
             print(measure_attention_memory_one(a.chunk, 16, 1024, 2048))
         elif a.measure == "memory":
