@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from model import GPT, GPTConfig
@@ -143,10 +144,15 @@ def exit_logits(norm, head, h):
 
 
 def load_oisd_model(path, **kwargs):
-    """The model at `path` loaded as GRPOTrainer loads a path (TRL's create_model_from_path: fp32 unless kwargs
-    give a dtype), then the exit norms back from the saved weights (a plain from_pretrained drops them).
-    Raises OISDError if the directory says it has exit norms but their weights are missing."""
-    model = create_model_from_path(path, **kwargs)
+    """A saved model with its exit norms: from_pretrained(path, **kwargs) (its defaults: the saved dtype, the
+    CPU), then restore_exit_norms. OISDTrainer given a path loads it as GRPOTrainer would instead."""
+    from transformers import AutoModelForCausalLM
+    return restore_exit_norms(AutoModelForCausalLM.from_pretrained(path, **kwargs), path)
+
+
+def restore_exit_norms(model, path):
+    """The exit norms saved in `path` put back on `model` (a plain from_pretrained drops them); returns the
+    model. Raises OISDError if the directory says it has exit norms but their weights are missing."""
     if getattr(model.config, "oisd_exit_norm", None) != "own":
         return model
     from safetensors.torch import load_file
@@ -287,43 +293,52 @@ def chunk_weights(weights, mask, reduction):
     return weights / (mask.size(0) * mask.sum(1).clamp_min(1))
 
 
-def attention_term(student, teacher, weights, mask, reduction="token", chunk=0):
-    """oisd.attention_alignment_loss of student: (N, nh, R, K) attention rows of an aligned layer against
-    teacher (the same of the last layer; no gradient flows into it). chunk > 0: the R positions in slices of
-    `chunk` (ChunkedAttentionTerm), so that the JSD's intermediates (about 11 copies of the rows unchunked,
-    measured) exist for one slice at a time, forward and backward. Returns a scalar."""
+def attention_term(student, teacher, weights, mask, reduction="token", chunk=0, first=0):
+    """oisd.attention_alignment_loss of the rows first..first+R-1 (R = mask.size(1), the response positions)
+    of student: (N, nh, Q, K) attention probabilities of an aligned layer, against the same rows of teacher
+    (the last layer's; no gradient flows into it). chunk > 0: the R rows in slices of `chunk`
+    (ChunkedAttentionTerm), so that the JSD's intermediates (about 11 copies of the rows unchunked, measured)
+    exist for one slice at a time, forward and backward. Returns a scalar."""
+    rows = slice(first, first + mask.size(1))
     if not chunk:
-        return attention_alignment_loss(student, teacher, weights, mask, reduction)
-    return ChunkedAttentionTerm.apply(student, teacher.detach(), chunk_weights(weights, mask, reduction).detach(), mask, chunk)
+        return attention_alignment_loss(student[:, :, rows], teacher[:, :, rows], weights, mask, reduction)
+    per_row = chunk_weights(weights, mask, reduction).detach()
+    return ChunkedAttentionTerm.apply(student, teacher.detach(), per_row, mask, chunk, first)
+
+
+def slices(n, chunk):
+    """(start, end) of consecutive slices of 0..n-1, `chunk` long (the last may be shorter)."""
+    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
 class ChunkedAttentionTerm(torch.autograd.Function):
-    """The sum over slices of positions of sum_{n,r} c_n * mask * JSD(rows): forward without a graph; backward
-    recomputes each slice with a graph and writes its gradient into one buffer of the rows' shape (autograd of
-    slices would allocate a full-size zero gradient per slice)."""
+    """The sum over slices of rows of sum_{n,r} c_n * mask * JSD(rows): forward without a graph; backward
+    recomputes each slice with a graph and writes its gradient into one zero buffer of the attention's shape
+    (autograd of slices would allocate a full-size zero gradient per slice, and one more for the rows)."""
 
     @staticmethod
     def piece(s, t, c, m):  # (N, nh, r, K), (N, nh, r, K), (N,), (N, r) -> the sum of c_n * JSD over these positions
         return attention_alignment_loss(s, t, c, m, "token") * m.sum().clamp_min(1)
 
     @staticmethod
-    def forward(ctx, student, teacher, per_row, mask, chunk):
+    def forward(ctx, student, teacher, per_row, mask, chunk, first):
         ctx.save_for_backward(student, teacher, per_row, mask)
-        ctx.chunk = chunk
-        R, piece = mask.size(1), ChunkedAttentionTerm.piece
-        return sum((piece(student[:, :, i:i + chunk], teacher[:, :, i:i + chunk], per_row, mask[:, i:i + chunk])
-                    for i in range(0, R, chunk)), student.new_zeros(()))
+        ctx.chunk, ctx.first = chunk, first
+        R, piece, f = mask.size(1), ChunkedAttentionTerm.piece, first
+        return sum((piece(student[:, :, f + i:f + j], teacher[:, :, f + i:f + j], per_row, mask[:, i:j])
+                    for i, j in slices(R, chunk)), student.new_zeros(()))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         student, teacher, per_row, mask = ctx.saved_tensors
-        grad, chunk = torch.empty_like(student), ctx.chunk
-        for i in range(0, mask.size(1), chunk):
+        grad, f = torch.zeros_like(student), ctx.first  # rows outside first..first+R-1: 0
+        for i, j in slices(mask.size(1), ctx.chunk):
             with torch.enable_grad():
-                s = student[:, :, i:i + chunk].detach().requires_grad_()
-                grad[:, :, i:i + chunk], = torch.autograd.grad(
-                    ChunkedAttentionTerm.piece(s, teacher[:, :, i:i + chunk], per_row, mask[:, i:i + chunk]), s)
-        return grad.mul_(grad_out), None, None, None, None
+                s = student[:, :, f + i:f + j].detach().requires_grad_()
+                grad[:, :, f + i:f + j], = torch.autograd.grad(
+                    ChunkedAttentionTerm.piece(s, teacher[:, :, f + i:f + j], per_row, mask[:, i:j]), s)
+        return grad.mul_(grad_out), None, None, None, None, None
 
 
 def first_tensor(output):
@@ -449,18 +464,21 @@ def check_supported(model, args, peft_config=None):
 class OISDTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is TRL's GRPO loss + (lambda_logit * L_logit + lambda_attn * L_attn) / accumulation
     steps, the two OISD terms computed from TRL's own forward by oisd.py's functions. Logs oisd/logit and
-    oisd/attn (before their lambda). `model` is a loaded model (or a path, loaded with load_oisd_model and
-    args.model_init_kwargs)."""
+    oisd/attn (before their lambda). `model` is a loaded model, or a path, loaded as GRPOTrainer loads one
+    (TRL's create_model_from_path with args.model_init_kwargs: fp32 by default), exit norms restored."""
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, peft_config=None, **kwargs):
         if not isinstance(args, OISDConfig):
             raise OISDError(f"args must be an OISDConfig (TRL's GRPOConfig plus OISD's fields), got {type(args).__name__}")
+        if kwargs.get("quantization_config") is not None or "quantization_config" in (args.model_init_kwargs or {}):
+            raise OISDError("quantization_config: a quantized model trains only through PEFT adapters, which the "
+                            "bridge does not support; load it unquantized")
         if isinstance(model, str):  # with the keyword arguments GRPOTrainer would load it with
             kw = dict(args.model_init_kwargs or {})
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 kw["device_map"] = None
             kw.setdefault("trust_remote_code", args.trust_remote_code)
-            model = load_oisd_model(model, **kw)
+            model = restore_exit_norms(create_model_from_path(model, **kw), model)
         check_supported(model, args, peft_config)
         self.oisd_layers, L = layer_list(args), len(blocks(model))
         attach_exit_norms(model, args.exit_norm)
@@ -501,10 +519,10 @@ class OISDTrainer(GRPOTrainer):
             head, teacher = self.model.get_output_embeddings(), rec["final"][:, -C - 1:-1]
             terms["logit"] = sum(logit_term(rec["hidden"][layer][:, -C - 1:-1], teacher, exit_norm_module(self.model, layer),
                                             head, weights, mask, red, args.exit_chunk) for layer in self.oisd_layers) / n
-        if args.lambda_attn > 0:  # rows of the response positions (N, nh, C, T), over every key
-            rows = {layer: a[:, :, -C - 1:-1] for layer, a in rec["attn"].items()}
-            L = self.oisd_attn_layers[-1]
-            terms["attn"] = sum(attention_term(rows[layer], rows[L], weights, mask, red, args.attn_chunk)
+        if args.lambda_attn > 0:  # attention (N, nh, T, T); its rows T-C-1..T-2 are the response positions
+            attn, L = rec["attn"], self.oisd_attn_layers[-1]
+            first = attn[L].size(2) - C - 1
+            terms["attn"] = sum(attention_term(attn[layer], attn[L], weights, mask, red, args.attn_chunk, first)
                                 for layer in self.oisd_layers) / n
         mode = "train" if self.model.training else "eval"
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # as TRL scales its loss
@@ -725,10 +743,15 @@ def measure_speed(a):
 
 def peak_increase_mib(run):
     """Peak RSS during run() minus the RSS just before it, in MiB (Linux: /proc/self/statm and ru_maxrss). The
-    baseline is the current RSS, not the peak so far, which freed temporaries may have set higher."""
+    baseline is the current RSS, not the peak so far, which freed temporaries may have set higher; a run whose
+    own peak stays below that earlier one cannot be measured this way, and raises."""
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if peak <= peak_before:
+        raise RuntimeError("the run's peak memory stayed below an earlier peak of this process: measure it alone")
+    return (peak * 1024 - before) / 2 ** 20
 
 
 def measure_memory_one(chunk, vocab, tokens, d, dtype=torch.float32):
@@ -742,21 +765,22 @@ def measure_memory_one(chunk, vocab, tokens, d, dtype=torch.float32):
 
 
 def measure_attention_memory_one(chunk, heads, rows, keys):
-    """Peak RSS increase (MiB) of attention_term forward + backward on random (1, heads, rows, keys) attention
-    rows (run in a fresh process); the rows themselves exist before the measurement, as in training."""
+    """Peak RSS increase (MiB) of attention_term forward + backward on the `rows` response rows of random
+    (1, heads, keys, keys) attention probabilities, as training has them: the probabilities exist before, and
+    backward makes a gradient of their full shape (run in a fresh process)."""
     torch.manual_seed(0)
-    student = torch.randn(1, heads, rows, keys).softmax(-1).requires_grad_()
-    teacher = torch.randn(1, heads, rows, keys).softmax(-1)
+    student = torch.randn(1, heads, keys, keys).softmax(-1).requires_grad_()
+    teacher = torch.randn(1, heads, keys, keys).softmax(-1)
     return peak_increase_mib(lambda: attention_term(student, teacher, torch.ones(1), torch.ones(1, rows), "token",
-                                                    chunk).backward())
+                                                    chunk, first=keys - rows - 1).backward())
 
 
 def measure_memory(a):
     """Each setting in a fresh process; glibc's mmap threshold fixed at 64 KiB so that freed large tensors go back
     to the system (with its default, moving threshold the peak RSS depends on the order of allocations)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    logit, attn = "logit term, vocab 50,257, 2,048 completion tokens", "attention term, 16 heads, 1,024 completion " \
-        "tokens, 2,048 keys (one copy of the rows: 128 MiB)"
+    logit, attn = "logit term, vocab 50,257, 2,048 completion tokens", "attention term, 16 heads, 2,048 positions " \
+        "of which 1,024 completion tokens (the probabilities: 256 MiB; their response rows: 128 MiB)"
     runs = ([(f"{logit}, hidden 64", ["--measure=memory_one", f"--chunk={c}"]) for c in (0, 1024, 256, 64)]
             + [(attn, ["--measure=attn_memory_one", f"--chunk={c}"]) for c in (0, 256, 64)]
             + [(f"{logit}, hidden 1,024, {w} weights (fp32 unembedding: 196 MiB)",

@@ -262,6 +262,10 @@ def test_a_path_loads_in_fp32_as_grpo_trainer_loads_it(tmp_path):
     tr = trainer_for(str(tmp_path / "bf16"), tmp_path)
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
     torch.testing.assert_close(tr.model.oisd_exit_ln[1].weight, hf.oisd_exit_ln[1].weight.float(), rtol=0, atol=0)
+    back = ot.load_oisd_model(str(tmp_path / "bf16"))  # for use after training: from_pretrained's defaults
+    assert back.dtype == torch.bfloat16 and torch.equal(back.oisd_exit_ln[1].weight, hf.oisd_exit_ln[1].weight)
+    with pytest.raises(ot.OISDError, match="quantization_config"):  # 4/8-bit weights train only through PEFT
+        trainer_for(str(tmp_path / "bf16"), tmp_path, model_init_kwargs={"quantization_config": {"load_in_4bit": True}})
 
 
 def test_global_token_loss_types_are_refused(tmp_path):
@@ -353,21 +357,26 @@ def test_chunked_logit_term_equals_core_function_in_both_reductions():
 
 
 def test_chunked_attention_term_equals_core_function_in_both_reductions():
+    """The response rows 2..8 of a (3, 2, 10, 9) attention, in chunks, against attention_alignment_loss on those
+    rows: the same value, the same gradient there and zero on every other row, none for the teacher; with
+    masked keys (exact zeros) in both, and a rollout with nothing to align."""
     torch.manual_seed(0)
-    s = (torch.randn(3, 2, 7, 9) * 3).softmax(-1).requires_grad_()
-    t = (torch.randn(3, 2, 7, 9) * 3).softmax(-1).requires_grad_()
+    scores_s, scores_t = torch.randn(3, 2, 10, 9) * 3, torch.randn(3, 2, 10, 9) * 3
+    scores_s[..., 0] = scores_t[..., :2] = float("-inf")  # exact zeros, as masked keys give
+    s, t = scores_s.softmax(-1).requires_grad_(), scores_t.softmax(-1).requires_grad_()
     mask = (torch.rand(3, 7) > 0.3).float()
     mask[1] = 0  # a row with nothing to align
     w = torch.tensor([1.0, -0.5, 2.0])
     for reduction in ("token", "sequence"):
-        want = ot.attention_alignment_loss(s, t, w, mask, reduction)
+        want = ot.attention_alignment_loss(s[:, :, 2:9], t[:, :, 2:9], w, mask, reduction)
         want_grad, = torch.autograd.grad(want, s)
-        for chunk in (1, 3, 7, 50):
-            got = ot.attention_term(s, t, w, mask, reduction, chunk)
+        assert want_grad[:, :, 2:9].abs().sum() > 0 and not want_grad[:, :, [0, 1, 9]].any()
+        for chunk in (0, 1, 3, 7, 50):
+            got = ot.attention_term(s, t, w, mask, reduction, chunk, first=2)
             got_grad, got_t = torch.autograd.grad(got, (s, t), allow_unused=True)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
-            assert got_t is None or not got_t.any()  # the teacher's rows get no gradient
+            assert torch.isfinite(got_grad).all() and (got_t is None or not got_t.any())
 
 
 @pytest.mark.parametrize("reentrant,knobs", [(False, dict(lambda_attn=0.1)), (True, dict(lambda_attn=0.0))])
