@@ -25,7 +25,8 @@ gets the positions generation used (positions_from_mask); exit norms exist for e
 the aligned ones train. Refused (one line, before training): TRL's global-token loss types (dapo, cispo,
 vespo), vLLM generation, DeepSpeed ZeRO-3 and FSDP (the exit head reads the unembedding outside the
 module's forward), DDP's search for unused parameters, reentrant checkpointing with the attention term on,
-dropout left on, an aligned layer out of range, a layout not in LAYOUTS, PEFT.
+dropout left on, an aligned layer out of range, a layout not in LAYOUTS, PEFT, a quantized model, a model split
+over devices.
 """
 
 import argparse
@@ -151,22 +152,22 @@ def load_oisd_model(path, **kwargs):
 
 
 def restore_exit_norms(model, path):
-    """The exit norms saved in `path` put back on `model` (a plain from_pretrained drops them); returns the
-    model. Raises OISDError if the directory says it has exit norms but their weights are missing."""
+    """The exit norms saved in `path` (a local folder of safetensors files) put back on `model` (a plain
+    from_pretrained drops them); returns the model, its other weights and buffers untouched. Raises OISDError
+    if the config says it has exit norms but the folder does not hold their weights."""
     if getattr(model.config, "oisd_exit_norm", None) != "own":
         return model
     from safetensors.torch import load_file
     saved = {}
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         saved.update({k: v for k, v in load_file(file).items() if k.startswith("oisd_exit_ln.")})
-    if hasattr(model, "oisd_exit_ln"):
-        del model.oisd_exit_ln
-    attach_exit_norms(model, "own")
+    attach_exit_norms(model, "own")  # copies of the final norm: its dtype and device
     expected = {f"oisd_exit_ln.{k}" for k in model.oisd_exit_ln.state_dict()}
     if set(saved) != expected:
-        raise OISDError(f"{path} declares exit norms but holds {len(saved)} of their {len(expected)} tensors")
+        raise OISDError(f"{path} declares exit norms but holds {len(saved)} of their {len(expected)} tensors in "
+                        "*.safetensors (only a local folder of safetensors files is read)")
     model.oisd_exit_ln.load_state_dict({k[len("oisd_exit_ln."):]: v for k, v in saved.items()})
-    return model.to(next(model.parameters()).dtype)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -337,8 +338,8 @@ class ChunkedAttentionTerm(torch.autograd.Function):
             with torch.enable_grad():
                 s = student[:, :, f + i:f + j].detach().requires_grad_()
                 grad[:, :, f + i:f + j], = torch.autograd.grad(
-                    ChunkedAttentionTerm.piece(s, teacher[:, :, f + i:f + j], per_row, mask[:, i:j]), s)
-        return grad.mul_(grad_out), None, None, None, None, None
+                    ChunkedAttentionTerm.piece(s, teacher[:, :, f + i:f + j], per_row, mask[:, i:j]), s, grad_out)
+        return grad, None, None, None, None, None
 
 
 def first_tensor(output):
@@ -411,6 +412,12 @@ PER_MICRO_BATCH_LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "sapo", "luspo")
 def check_supported(model, args, peft_config=None):
     """Raise OISDError (one line) for anything the bridge does not support; nothing has been built yet."""
     L = len(blocks(model))  # raises for an unknown layout
+    if getattr(model, "is_quantized", False):
+        raise OISDError("the model is quantized: quantized models are not supported (nor PEFT, through which most "
+                        "of them train); load it unquantized")
+    if len({d for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+        raise OISDError("the model is split over several devices (device_map): the exit heads read the final norm "
+                        "and unembedding from one; load it on one device per process (device_map=None)")
     if (args.exit_norm == "own" and getattr(model.config, "oisd_exit_norm", None) == "own"
             and not hasattr(model, "oisd_exit_ln")):
         raise OISDError("the model was saved with trained exit norms that a plain from_pretrained drops (they would "
@@ -470,9 +477,9 @@ class OISDTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args=None, *pargs, peft_config=None, **kwargs):
         if not isinstance(args, OISDConfig):
             raise OISDError(f"args must be an OISDConfig (TRL's GRPOConfig plus OISD's fields), got {type(args).__name__}")
-        if kwargs.get("quantization_config") is not None or "quantization_config" in (args.model_init_kwargs or {}):
-            raise OISDError("quantization_config: a quantized model trains only through PEFT adapters, which the "
-                            "bridge does not support; load it unquantized")
+        if kwargs.get("quantization_config") is not None or (args.model_init_kwargs or {}).get("quantization_config"):
+            raise OISDError("quantization_config: quantized models are not supported (nor PEFT, through which "
+                            "most of them train); load it unquantized")
         if isinstance(model, str):  # with the keyword arguments GRPOTrainer would load it with
             kw = dict(args.model_init_kwargs or {})
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
@@ -781,16 +788,19 @@ def measure_memory(a):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     logit, attn = "logit term, vocab 50,257, 2,048 completion tokens", "attention term, 16 heads, 2,048 positions " \
         "of which 1,024 completion tokens (the probabilities: 256 MiB; their response rows: 128 MiB)"
-    runs = ([(f"{logit}, hidden 64", ["--measure=memory_one", f"--chunk={c}"]) for c in (0, 1024, 256, 64)]
-            + [(attn, ["--measure=attn_memory_one", f"--chunk={c}"]) for c in (0, 256, 64)]
-            + [(f"{logit}, hidden 1,024, {w} weights (fp32 unembedding: 196 MiB)",
-                ["--measure=memory_one", "--chunk=256", "--hidden=1024", f"--weights={w}"]) for w in ("fp32", "bf16")])
-    for what, argv in runs:
+    runs = ([(f"{logit}, hidden 64", "memory_one", c, []) for c in (0, 1024, 256, 64)]
+            + [(attn, "attn_memory_one", c, []) for c in (0, 256, 64)]
+            + [(f"{logit}, hidden 1,024, {w} weights (fp32 unembedding: 196 MiB)", "memory_one", 256,
+                ["--hidden=1024", f"--weights={w}"]) for w in ("fp32", "bf16")])
+    for what, measure, chunk, extra in runs:
         t0 = time.time()
-        out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        chunk = argv[1].split("=")[1]
-        print(f"{what}, forward + backward, {'unchunked' if chunk == '0' else f'chunks of {chunk}'}: "
+        run = subprocess.run([sys.executable, __file__, f"--measure={measure}", f"--chunk={chunk}", *extra], env=env,
+                             capture_output=True, text=True)
+        if run.returncode:
+            last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+            raise OISDError(f"--measure={measure} --chunk={chunk} failed: {last}")
+        out = run.stdout.strip()
+        print(f"{what}, forward + backward, {'unchunked' if chunk == 0 else f'chunks of {chunk}'}: "
               f"peak RSS +{float(out):.0f} MiB ({time.time() - t0:.1f} s with the process start)", flush=True)
 
 
@@ -844,7 +854,8 @@ def main(argv):
         except OSError as e:
             raise OISDError(f"--out_dir={a.out_dir} is not a usable directory ({e.strerror})") from None
         if a.measure == "memory_one":
-            print(measure_memory_one(a.chunk, 50257, 2048, a.hidden, getattr(torch, {"fp32": "float32"}.get(a.weights, "bfloat16"))))
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.weights]
+            print(measure_memory_one(a.chunk, 50257, 2048, a.hidden, dtype))
         elif a.measure == "attn_memory_one":
             print(measure_attention_memory_one(a.chunk, 16, 1024, 2048))
         elif a.measure == "memory":

@@ -501,6 +501,21 @@ def tiny_llama(kind="llama"):
                           pad_token_id=PAD_ID, tie_word_embeddings=False, attn_implementation="sdpa"))
 
 
+def test_loading_keeps_a_llama_models_fp32_rope_buffers(tmp_path):
+    """Restoring the exit norms changes nothing else: a bf16 Llama with exit norms, loaded by load_oisd_model or
+    by the trainer with dtype bf16, keeps the fp32 rotary buffers a plain from_pretrained gives it."""
+    from transformers import AutoModelForCausalLM
+    ot.attach_exit_norms(tiny_llama(), "own").to(torch.bfloat16).save_pretrained(str(tmp_path / "llama"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
+    want = {n: b.dtype for n, b in plain.named_buffers()}
+    assert torch.float32 in want.values()  # the rotary inv_freq
+    back = ot.load_oisd_model(str(tmp_path / "llama"))
+    tr = trainer_for(str(tmp_path / "llama"), tmp_path, model_init_kwargs={"dtype": torch.bfloat16})
+    for model in (back, tr.model):
+        assert {n: b.dtype for n, b in model.named_buffers()} == want
+        assert model.oisd_exit_ln[0].weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_llama_style_model_trains_one_step_with_both_terms(tmp_path, kind):
     from datasets import Dataset
@@ -570,6 +585,8 @@ REFUSALS = {
     "dropout left on": (dict(disable_dropout=False), "dropout", "dropout"),
     "zero-3": ({}, "zero3", "ZeRO-3"),
     "fsdp": ({}, "fsdp", "FSDP"),
+    "quantized model": ({}, "quantized", "quantized"),
+    "model split over devices": ({}, "split", "device_map"),
     "bad weighting": (dict(adv_weighting="sometimes"), None, "adv_weighting"),
     "DDP searching unused parameters": (dict(ddp_find_unused_parameters=True), None, "ddp_find_unused_parameters"),
     "trained exit norms dropped by from_pretrained": ({}, "plain load", "load_oisd_model"),
@@ -587,6 +604,10 @@ def test_each_refusal_is_one_line(tmp_path, case):
         args.deepspeed_plugin = types.SimpleNamespace(zero_stage=3)
     elif tweak == "fsdp":
         args.fsdp = ["full_shard"]
+    elif tweak == "quantized":  # what a checkpoint saved quantized loads as
+        model.is_quantized = True
+    elif tweak == "split":
+        model.hf_device_map = {"transformer.h.0": 0, "transformer.h.1": 1}
     elif tweak == "plain load":  # what AutoModelForCausalLM.from_pretrained gives for a saved OISD model
         del model.oisd_exit_ln
     with pytest.raises(ot.OISDError) as e:
