@@ -121,7 +121,7 @@ RANGES = dict(seed=(0, 2**31 - 1), digits=(1, 9), terms=(2, 10), block_size=(2, 
               kl_beta=(0.0, 1e6), grad_clip=(1e-8, 1e6), lambda_logit=(0.0, 1e6), lambda_attn=(0.0, 1e6),
               lambda_exit_ce=(0.0, 1e6), sft_target_acc=(1e-9, 1.0), eval_every=(1, 10**7),
               eval_size=(1, 500), log_every=(1, 10**7), ckpt_every=(1, 10**7))
-CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), precision=("auto", "fp32", "bf16"), exit_norm=("own", "ln_f"),
+CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), precision=("auto", "fp32", "bf16"), exit_norm=("own", "ln_f", "ln_f_frozen"),
                task=("add", "chain"), loss_reduction=("token", "sequence"),
                adv_weighting=("signed", "positive", "abs", "none"))
 MAX_GIB = 32  # a run whose rough memory estimate (estimated_gib) is larger is refused before it starts

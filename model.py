@@ -36,7 +36,8 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    exit_norm: str = "own"    # 'own': a LayerNorm per exit head; 'ln_f': all exits share ln_f (logit lens)
+    exit_norm: str = "own"    # 'own': a LayerNorm per exit head; 'ln_f': all exits share ln_f (logit lens);
+                              # 'ln_f_frozen': the logit lens read through a detached ln_f and unembedding
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,8 +137,8 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.exit_norm not in ("own", "ln_f"):
-            raise ValueError(f"exit_norm must be 'own' or 'ln_f', got {config.exit_norm!r}")
+        if config.exit_norm not in ("own", "ln_f", "ln_f_frozen"):
+            raise ValueError(f"exit_norm must be 'own', 'ln_f' or 'ln_f_frozen', got {config.exit_norm!r}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -183,10 +184,16 @@ class GPT(nn.Module):
 
     def exit_logits(self, x, layer):
         """x: (B, T, C) residual stream after block `layer` (1..n_layer) -> (B, T, vocab) fp32 logits.
-        Norm and unembedding run in fp32 under any autocast, so every caller gets the same numbers."""
-        last = layer == self.config.n_layer or self.config.exit_norm == "ln_f"
-        norm = self.transformer.ln_f if last else self.exit_ln[layer - 1]
+        Norm and unembedding run in fp32 under any autocast, so every caller gets the same numbers.
+        With exit_norm='ln_f_frozen' an exit below the last reads through ln_f and the unembedding detached:
+        the same numbers as 'ln_f', but a loss on the exit trains only blocks 1..layer and the embeddings."""
+        last = layer == self.config.n_layer
         with torch.autocast(x.device.type, enabled=False):
+            if self.config.exit_norm == "ln_f_frozen" and not last:
+                ln = self.transformer.ln_f
+                x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.detach(), ln.bias.detach(), ln.eps)
+                return F.linear(x, self.lm_head.weight.detach())
+            norm = self.transformer.ln_f if last or self.config.exit_norm == "ln_f" else self.exit_ln[layer - 1]
             return self.lm_head(norm(x.float()))
 
     def forward(self, idx, exit_layers=(), attn_layers=(), cache=None, stop_layer=None):

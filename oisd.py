@@ -48,7 +48,7 @@ class Config(RunConfig):  # the run's own fields (out_dir, seed, device, arms, r
     n_layer: int = 4                 # transformer blocks
     n_head: int = 4                  # attention heads per block
     n_embd: int = 128                # residual stream width
-    exit_norm: str = "own"           # own: each exit head has its own LayerNorm | ln_f: the logit lens
+    exit_norm: str = "own"           # own: each exit head has its own LayerNorm | ln_f: the logit lens | ln_f_frozen: the lens, detached
     # stage 1: supervised warm-up
     sft_lr: float = 1e-3             # AdamW learning rate of the warm-up
     sft_batch: int = 64              # worked solutions per warm-up step
@@ -89,7 +89,9 @@ ARMS = {  # each arm is the config with these fields replaced
     "oisd_none": dict(adv_weighting="none"),
     "logit_only": dict(adv_weighting="signed", lambda_attn=0.0),
     "attn_only": dict(adv_weighting="signed", lambda_logit=0.0),
-    "oisd_lens": dict(adv_weighting="signed", exit_norm="ln_f"),
+    "oisd_lens": dict(adv_weighting="signed", exit_norm="ln_f"),  # the paper's reading: the logit lens
+    "oisd_pos_lens": dict(adv_weighting="positive", exit_norm="ln_f"),
+    "oisd_lens_frozen": dict(adv_weighting="signed", exit_norm="ln_f_frozen"),  # the lens, its head not trained
     # two controls: GRPO with its exits trained by cross-entropy instead of by the teacher (exit_ce_loss), and
     "grpo_ce_exits": dict(lambda_logit=0.0, lambda_attn=0.0, lambda_exit_ce=1.0),
     "sft_more": dict(),  # no RL at all: the warm-up continued for as long as grpo trained (continue_warmup)
@@ -443,7 +445,7 @@ def evaluate(env, model, problems, layers=None, lens=True):
     exits = [layer for layer in layers if layer < L]
     heads = {"": model}
     if lens and exits:
-        heads["lens_"] = model if model.config.exit_norm == "ln_f" else logit_lens(model)
+        heads["lens_"] = model if model.config.exit_norm != "own" else logit_lens(model)
     prompts, P, out = env.prompts(problems), env.prompt_len, {}
     with autocast(env):
         for layer in sorted(set(layers) | {L}, reverse=True):

@@ -230,6 +230,52 @@ def test_teacher_is_detached(term):
         assert grads["exit_ln.0.weight"].abs().max() > 0
 
 
+def test_where_the_logit_terms_gradient_lands_under_each_exit_norm():
+    """own: on the aligned exit's own norm, never ln_f or another exit's norm. ln_f (the logit lens): on the
+    policy's own ln_f. In every mode blocks above the aligned layer get exactly nothing."""
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.3])
+    own = alignment_grads(tiny_model("own"), weights, "logit")
+    assert own["exit_ln.0.weight"].abs().max() > 0
+    for name in ("transformer.ln_f.weight", "transformer.ln_f.bias", "exit_ln.1.weight", "exit_ln.1.bias"):
+        assert own[name] is None or own[name].abs().max() == 0, name
+    lens = alignment_grads(tiny_model("ln_f"), weights, "logit")
+    assert lens["transformer.ln_f.weight"].abs().max() > 0 and lens["transformer.ln_f.bias"].abs().max() > 0
+    for grads in (own, lens):
+        for name, g in grads.items():
+            if name.startswith(("transformer.h.1.", "transformer.h.2.")):
+                assert g is None or g.abs().max() == 0, name
+
+
+def test_frozen_lens_trains_only_the_trunk_below_and_the_input_embedding():
+    """exit_norm='ln_f_frozen' gives the lens's numbers, but its gradient skips ln_f and the unembedding:
+    wte's gradient is the one an untied copy of the model gives its input embedding alone, so the rows of
+    tokens absent from the input get exactly zero (through the unembedding every row would move)."""
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.3])
+    frozen, lens = tiny_model("ln_f_frozen"), tiny_model("ln_f")
+    seq, P, _ = oisd_batch()
+    torch.testing.assert_close(frozen(seq, exit_layers=(1,))[1][1], lens(seq, exit_layers=(1,))[1][1], rtol=0, atol=0)
+    g = alignment_grads(frozen, weights, "logit")
+    assert g["transformer.ln_f.weight"] is None and g["transformer.ln_f.bias"] is None
+    untied = tiny_model("ln_f")
+    untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
+    g_untied = alignment_grads(untied, weights, "logit")
+    torch.testing.assert_close(g["transformer.wte.weight"], g_untied["transformer.wte.weight"])
+    absent = sorted(set(range(15)) - set(seq[:, :-1].flatten().tolist()))
+    assert absent and g["transformer.wte.weight"][absent].abs().max() == 0
+    assert alignment_grads(lens, weights, "logit")["transformer.wte.weight"][absent].abs().max() > 0
+    assert g["transformer.h.0.attn.c_attn.weight"].abs().max() > 0
+    torch.testing.assert_close(g["transformer.h.0.attn.c_attn.weight"], g_untied["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_lens_arms_change_only_the_exit_norm():
+    """oisd_pos_lens is oisd_pos read through the lens; oisd_lens_frozen is oisd_lens with the head detached."""
+    cfg = Config()
+    assert oisd.arm_config(cfg, "oisd_pos_lens") == dataclasses.replace(oisd.arm_config(cfg, "oisd_pos"), exit_norm="ln_f")
+    assert oisd.arm_config(cfg, "oisd_lens") == dataclasses.replace(oisd.arm_config(cfg, "oisd"), exit_norm="ln_f")
+    assert (oisd.arm_config(cfg, "oisd_lens_frozen")
+            == dataclasses.replace(oisd.arm_config(cfg, "oisd_lens"), exit_norm="ln_f_frozen"))
+
+
 @pytest.mark.parametrize("term", ["logit", "attn"])
 def test_flipping_advantage_sign_flips_alignment_gradient(term):
     weights = torch.tensor([1.0, -0.5, -0.5, 2.0])
