@@ -2,8 +2,8 @@
 The plumbing that oisd.py needs and a reader of the method does not: the command line (--key=value for
 every Config field, --help built from the config's comments) and its checks, device and precision, the
 shared run environment (Env), timing, atomic files, checkpoints and resume, the warm-up cache, compile,
-the checks that stop a run with one line when a number turns non-finite, progress lines, and the
-bookkeeping of the control arms and diagnostics (train_for, alignment_evidence).
+the checks that stop a run with one line when a number turns non-finite, progress lines, the table and
+the lens picture (lens.png), and the bookkeeping of the control arms and diagnostics (train_for, alignment_evidence).
 
     from harness import Env, autocast, write_atomic
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig
-from tasks import get_tokenizer, heldout_keys, heldout_split, make_task, trainable_size
+from model import GPTConfig
+from tasks import completion_texts, get_tokenizer, heldout_keys, heldout_split, make_task, trainable_size
 
 
 # -----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ parse_bool.__name__ = "true/false"  # argparse names the type in its message: "i
 
 def field_groups(cls):
     """[(group title, [(field, one-line help)])] read from the class source: '# title' lines open a group,
-    each field's trailing comment is its help. Subclasses (experiments.py) add their own groups."""
+    each field's trailing comment is its help. Subclasses (research/experiments.py) add their own groups."""
     groups, fields = [], {f.name: f for f in dataclasses.fields(cls)}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         for line in inspect.getsource(klass).splitlines():
@@ -106,10 +106,6 @@ def parse_args(argv, cls, prog, **method):
     cfg = cls(**vars(parser.parse_args(argv)))
     validate(cfg, **method)
     return cfg
-
-
-def layer_list(cfg):
-    return [int(x) for x in cfg.align_layers.split(",")]
 
 
 # Inclusive ranges of the numeric flags: anything outside is refused before work starts.
@@ -160,7 +156,7 @@ def validate(cfg, presets, arms, no_layers, arm_config):
     if cfg.precision == "bf16" and not (device == "cpu" or (device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
         raise ConfigError(f"--precision=bf16 needs a CPU (emulated) or a GPU with native bf16; {device} has none")
     try:
-        layers = layer_list(cfg)
+        layers = [int(x) for x in cfg.align_layers.split(",")]
     except ValueError:
         raise ConfigError(f"--align_layers expects comma-separated integers, got {cfg.align_layers!r}") from None
     if len(set(layers)) != len(layers) or not all(1 <= layer < cfg.n_layer for layer in layers):
@@ -280,18 +276,6 @@ def now(device):
     return time.perf_counter()
 
 
-class Timer:
-    """Seconds per phase of an RL step: lap(name) adds the time since the previous lap (or the start)."""
-
-    def __init__(self, device):
-        self.device, self.seconds, self.last = device, {"rollout": 0.0, "fwd_bwd": 0.0, "optim": 0.0}, now(device)
-
-    def lap(self, name):
-        t = now(self.device)
-        self.seconds[name] += t - self.last
-        self.last = t
-
-
 class Env:
     """What every stage shares: config, device, precision, task, tokenizer and the fixed problem sets."""
 
@@ -329,26 +313,8 @@ class Env:
         return seq[:, :-1], targets
 
     def completions(self, seq):
-        """seq: (N, P+R) -> the N completions as text, cut after the first EOS."""
-        texts = []
-        for row in seq[:, self.prompt_len:].tolist():
-            end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
-            texts.append(self.tok.decode(row[:end]))
-        return texts
-
-    def rewards(self, seq, problems, group_size):
-        """seq: (N, P+R) rollouts, group_size consecutive rows per problem -> (N,) rewards."""
-        answers = [a for _, a in problems for _ in range(group_size)]
-        return torch.tensor([self.task.reward(t, a) for t, a in zip(self.completions(seq), answers)], device=self.device)
-
-
-def load_policy(env, cfg, state):
-    """A GPT with the warm-up weights and every exit head starting as the logit lens of its layer."""
-    model = GPT(env.model_config(cfg)).to(env.device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("exit_ln") for k in missing), (missing, unexpected)
-    model.reset_exit_heads()
-    return model
+        """seq: (N, P+R) -> the N completions as text, cut after the first EOS (tasks.completion_texts)."""
+        return completion_texts(self.tok, seq[:, self.prompt_len:])
 
 
 def make_optimizer(model, lr, device):
@@ -366,10 +332,14 @@ def check_finite(name, value):
         raise FloatingPointError(f"{name} is not finite")
 
 
-def check_terms(terms):
-    """Raise FloatingPointError naming the first loss term ({name: scalar}) that is a NaN or an inf."""
-    for name, value in terms.items():
-        check_finite(f"loss_{name}", value)
+def check_step(stats, model):
+    """After an RL step: raise FloatingPointError naming the first non-finite number among its loss terms
+    (stats' loss_*), then its gradient norm, then the model's weights. Returns stats."""
+    for name, value in [(k, v) for k, v in stats.items() if k.startswith("loss_")] + [("the gradient norm", stats["grad_norm"])]:
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name} is not finite")
+    check_weights(model)
+    return stats
 
 
 def check_weights(model):
@@ -493,7 +463,7 @@ def save_warmup(env, state, val_acc, steps):
         print(f"warm-up: validation accuracy {val_acc:.1%} did not reach {cfg.sft_target_acc:.0%} in {cfg.sft_max_steps} "
               "steps: this seed missed the sudden jump in accuracy the warm-up usually makes, and RL from a model "
               "that is almost never right has little to reinforce. Going on from here; for a usable start try "
-              "another --seed or a larger --sft_max_steps (experiments.py --skip_missed gives such a seed no RL)")
+              "another --seed or a larger --sft_max_steps (research/experiments.py --skip_missed gives such a seed no RL)")
     write_atomic(warmup_path(env), {"model": state, "key": warmup_key(env), "config": dataclasses.asdict(cfg),
                                     "val_acc": val_acc, "steps": steps})
 
@@ -510,7 +480,7 @@ SFT_MORE_KEYS = ("result", "config", "budget", "device", "precision", "warmup_ke
 
 def run_fields(cfg):
     """The fields of the method's config (oisd.Config, the class built directly on RunConfig): the flags a
-    subclass adds for measurement (experiments.py's) never block a resume."""
+    subclass adds for measurement (research/experiments.py's) never block a resume."""
     return dataclasses.fields(next(k for k in type(cfg).__mro__ if RunConfig in k.__bases__))
 
 
@@ -665,29 +635,130 @@ def print_table(rows, n_layer):
 
 
 # -----------------------------------------------------------------------------
+# The lens picture: one held-out problem read at every exit of every row of the table (out_dir/lens.png)
+
+@torch.inference_mode()
+def lens_grid(env, model, problem):
+    """What each exit head, as trained, predicts along the model's own greedy completion of problem (prompt,
+    answer): one teacher-forced forward over prompt + completion (cut just after its first EOS: R tokens),
+    read at the R positions that predict the completion. Returns (tokens, probs, completion): tokens[l-1][t]
+    is layer l's top-1 token at response position t as text ('EOS' for the end of text), probs (L, R) its
+    probability, completion the completion's text."""
+    L, P = model.config.n_layer, env.prompt_len
+    with autocast(env):
+        seq, _ = model.generate(env.prompts([problem]), env.max_new, temperature=0, eos_id=env.eos_id)
+        response = seq[0, P:].tolist()
+        R = response.index(env.eos_id) + 1 if env.eos_id in response else len(response)
+        exits = model(seq[:, : P + R - 1], exit_layers=range(1, L + 1))[1]
+    probs, top = torch.stack([exits[l][0, P - 1:].float().softmax(-1) for l in range(1, L + 1)]).max(-1)  # (L, R)
+    tokens = [["EOS" if t == env.eos_id else env.tok.decode([t]) for t in row] for row in top.tolist()]
+    return tokens, probs.cpu(), env.completions(seq)[0]
+
+
+def lens_models(env, rows, warm_state, load_policy, arm_config):
+    """{row: model} for every row of the table whose model can be read back: the warm-up start as RL starts
+    (load_policy(env, cfg, state): exit norms copies of ln_f), and each arm (arm_config(cfg, arm)) whose
+    checkpoint in out_dir holds this very row's result (a stale one from another run does not)."""
+    models = {}
+    for name, result in rows.items():
+        start = name == "warm-up start"
+        model = load_policy(env, env.cfg if start else arm_config(env.cfg, name), warm_state)
+        path = os.path.join(env.cfg.out_dir, f"{name}.pt")
+        if not start:
+            ck = load_checkpoint(path, env.device, ("model", "result")) if os.path.exists(path) else None
+            if ck is None or ck["result"] != result:
+                continue
+            model.load_state_dict(ck["model"])
+        models[name] = model.eval()
+    return models
+
+
+def draw_lens(env, grids, problem, path):
+    """One panel per row of grids ({name: lens_grid(...)}): layers up the side (the final layer on top),
+    response positions along, each cell the top-1 token shaded by its probability (bold: the final layer's
+    token); written to path as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    L, R = len(next(iter(grids.values()))[0]), max(len(g[0][0]) for g in grids.values())
+    ncols = 1 if len(grids) < 3 else 2
+    nrows = -(-len(grids) // ncols)
+    fig = Figure(figsize=(ncols * (1.3 + 0.5 * R) + 1.2, nrows * (0.8 + 0.5 * L) + 0.8), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax, (name, (tokens, probs, completion)) in zip(axes, grids.items()):
+        image = ax.imshow(probs.numpy(), origin="lower", cmap="viridis", vmin=0, vmax=1)
+        for l, row in enumerate(tokens):
+            for t, token in enumerate(row):
+                ax.text(t, l, token, ha="center", va="center", fontsize=11, color="black" if probs[l, t] > 0.6 else "white",
+                        fontweight="bold" if token == tokens[-1][t] else "normal")
+        right = env.task.reward(completion, problem[1]) == 1.0
+        answer = completion.replace(env.tok.decode([env.eos_id]), "")
+        ax.set_title(f"{name}: {'right' if right else 'wrong'} ({answer})", fontsize=10)
+        ax.set_xlim(-0.5, R - 0.5)
+        ax.set_xticks(range(len(tokens[0])), [str(t + 1) for t in range(len(tokens[0]))], fontsize=8)
+        ax.set_yticks(range(L), [f"L{l}" for l in range(1, L)] + [f"final (L{L})"], fontsize=8)
+        ax.set_xlabel("response position", fontsize=8)
+    for ax in axes[len(grids):]:  # the spare panel of an odd count
+        ax.axis("off")
+    fig.colorbar(image, ax=fig.axes, label="probability of the top-1 token", shrink=0.8)
+    fig.suptitle(f"held-out {problem[0]}{env.task.solution(problem[0])}: each exit's top-1 next token along the model's "
+                 "own greedy completion\n(bold: the final layer's token)", fontsize=10)
+    tmp = f"{path}.{os.getpid()}.tmp"  # as write_atomic: never a half-written picture
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
+
+
+def save_lens_picture(env, rows, warm_state, load_policy, arm_config):
+    """Draw out_dir/lens.png (draw_lens) for the first held-out problem and every row of the table whose model
+    can be read back (lens_models), and say so in one line. Needs matplotlib: without it one line says how
+    to get it, and the run goes on. Changes no number of the run and leaves the global random stream as it was."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("lens.png skipped: pip install matplotlib to draw it")
+        return
+    path, problem = os.path.join(env.cfg.out_dir, "lens.png"), env.test[0]
+    with torch.random.fork_rng(devices=[]):  # building a GPT draws its initial weights from the global stream
+        models = lens_models(env, rows, warm_state, load_policy, arm_config)
+        grids = {name: lens_grid(env, model, problem) for name, model in models.items()}
+    draw_lens(env, grids, problem, path)
+    print(f"saved {path}: held-out {problem[0]} read at every exit of {', '.join(grids)}")
+
+
+# -----------------------------------------------------------------------------
 # Compile: fixed shapes, compiled before the timed steps
 
-def pad_rollouts(seq, old_logp, length, eos_id):
-    """Pad rollouts to `length` positions with EOS (log-prob 0), after every row's EOS, so masked out:
-    the compiled forward then always sees the same shapes and never recompiles."""
-    extra = length - seq.size(1)
-    return F.pad(seq, (0, extra), value=eos_id), F.pad(old_logp, (0, extra))
+class PaddedForward:
+    """The compiled model behind the model's own call signature: a call with a KV cache (the response
+    part of oisd.forward_responses) is padded with EOS to `length` positions, so the compiled graph always
+    sees the same shapes and never recompiles, and every output is cut back to the positions asked for
+    (causal attention: no asked-for position sees the padding)."""
+
+    def __init__(self, model, length, eos_id):
+        self.compiled, self.length, self.eos_id = torch.compile(model, dynamic=False), length, eos_id
+        self.config = model.config
+
+    def __call__(self, idx, cache=None, **kwargs):
+        T = idx.size(1)
+        if cache is None or T == self.length:
+            return self.compiled(idx, cache=cache, **kwargs)
+        keys = cache.length() + T
+        logits, exits, attns = self.compiled(F.pad(idx, (0, self.length - T), value=self.eos_id), cache=cache, **kwargs)
+        return (logits[:, :T], {l: x[:, :T] for l, x in exits.items()},
+                {l: a[:, :, :T, :keys] for l, a in attns.items()})
 
 
-def compile_forward(env, cfg, model, rl_loss, name=None):
-    """torch.compile the training forward for fixed shapes and compile it now, forward and backward, on a
-    dummy batch through rl_loss (no optimizer step), so that compile time stays out of the timed RL steps.
-    Prints the time it took if name (the arm) is given. Returns (the compiled model, seconds spent compiling)."""
+def compile_forward(env, cfg, model, loss_fn, name=None):
+    """torch.compile the training forward for fixed shapes (PaddedForward) and compile it now, forward and
+    backward, on a dummy batch through loss_fn (oisd.rl_loss or the arm's loss; no optimizer step), so that
+    compile time stays out of the timed RL steps. Prints the time it took if name (the arm) is given.
+    Returns (the compiled forward, seconds spent compiling)."""
     t0 = now(env.device)
     torch._dynamo.reset()  # every arm compiles afresh: the previous arms' graphs would count toward the recompile limit
-    forward = torch.compile(model, dynamic=False)
     N, P, R = cfg.prompts_per_step * cfg.group_size, env.prompt_len, env.max_new
+    forward = PaddedForward(model, R, env.eos_id)
     seq = torch.full((N, P + R), env.eos_id, device=env.device)
     ones = torch.ones(N, R, device=env.device)
     with autocast(env):
-        total, _ = rl_loss(cfg, forward, seq, P, 0 * ones, ones[:, 0], ones)
-        if cfg.lambda_exit_ce > 0:
-            total = total + forward(env.solutions(env.val[: cfg.prompts_per_step])[0], exit_layers=layer_list(cfg))[0].sum()
+        total, _ = loss_fn(cfg, forward, seq, P, 0 * ones, ones[:, 0], ones)
     total.backward()
     model.zero_grad(set_to_none=True)
     seconds = now(env.device) - t0

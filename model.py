@@ -15,7 +15,7 @@ scaled_dot_product_attention kernel, and the attention probabilities of the laye
 computed beside it (in fp32) for the loss that needs them; the exit heads run in fp32 even under bf16
 autocast. So the sampler, plain GRPO and GRPO+OISD all compute the same log-probabilities (bit for bit
 on the CPU, eager, fp32 or bf16; elsewhere up to kernel rounding, which is then the same for every arm).
-generate() samples a batch with a KV cache. Decoding with an exit as the draft model is in speculative.py.
+generate() samples a batch with a KV cache. Decoding with an exit as the draft model is in research/speculative.py.
 There is no dropout anywhere: RL needs the sampled policy and the trained policy to be the same function.
 """
 
@@ -106,7 +106,7 @@ class KVCache:
     """Keys and values of the positions seen so far, per layer 1..n_layer: (B, nh, T_seen, hs) each, grown
     by concatenation. It is differentiable, so a training forward can run a prompt once and share its keys
     and values with all the rollouts of that prompt (repeat_interleave), exactly as the sampler does.
-    Layers may hold different lengths for a while (speculative.py drafts with the lower ones)."""
+    Layers may hold different lengths for a while (research/speculative.py drafts with the lower ones)."""
 
     def __init__(self):
         self.k, self.v = {}, {}
@@ -188,13 +188,12 @@ class GPT(nn.Module):
         With exit_norm='ln_f_frozen' an exit below the last reads through ln_f and the unembedding detached:
         the same numbers as 'ln_f', but a loss on the exit trains only blocks 1..layer and the embeddings."""
         last = layer == self.config.n_layer
+        norm = self.transformer.ln_f if last or self.config.exit_norm != "own" else self.exit_ln[layer - 1]
+        weights = (norm.weight, norm.bias, self.lm_head.weight)
+        if self.config.exit_norm == "ln_f_frozen" and not last:
+            weights = [w.detach() for w in weights]
         with torch.autocast(x.device.type, enabled=False):
-            if self.config.exit_norm == "ln_f_frozen" and not last:
-                ln = self.transformer.ln_f
-                x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.detach(), ln.bias.detach(), ln.eps)
-                return F.linear(x, self.lm_head.weight.detach())
-            norm = self.transformer.ln_f if last or self.config.exit_norm == "ln_f" else self.exit_ln[layer - 1]
-            return self.lm_head(norm(x.float()))
+            return F.linear(F.layer_norm(x.float(), norm.normalized_shape, *weights[:2], norm.eps), weights[2])
 
     def forward(self, idx, exit_layers=(), attn_layers=(), cache=None, stop_layer=None):
         """
@@ -218,33 +217,27 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, num_samples=1, eos_id=None,
-                 generator=None, exit_layer=None, use_cache=True):
+                 generator=None, exit_layer=None):
         """
         Sample num_samples completions of each prompt, all rows in one batch.
         idx: (B, P) prompts of equal length. temperature 0 is greedy.
         exit_layer: sample from that layer's exit head, running only blocks 1..exit_layer.
-        use_cache=False re-runs the whole prefix every step (the naive loop, for comparison).
         Returns tokens (B*num_samples, P+R) and the log-probabilities at the sampling temperature
         (at 1 when greedy) of the R sampled tokens (B*num_samples, R); sample j of prompt b is row
         b*num_samples+j.
         A row that has emitted eos_id keeps emitting it; R < max_new_tokens once every row is done.
         """
         n_layer = exit_layer or self.config.n_layer
-        cache = KVCache() if use_cache else None
+        cache = KVCache()
         logits = self(idx, cache=cache, stop_layer=n_layer)[0][:, -1]  # (B, vocab): the prompt, run once
-        if use_cache:
-            cache.repeat_interleave(num_samples)
+        cache.repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)  # (N, vocab), N = B*num_samples
         seq = idx.repeat_interleave(num_samples, dim=0)  # (N, P)
         done = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
         logprobs = []
         for step in range(max_new_tokens):
-            if temperature == 0:
-                logp = F.log_softmax(logits, dim=-1)
-                tok = logits.argmax(dim=-1)
-            else:
-                logp = F.log_softmax(logits / temperature, dim=-1)
-                tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
+            logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)  # (N, vocab), at temperature 1 when greedy
+            tok = logits.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             if eos_id is not None:
                 tok = tok.masked_fill(done, eos_id)
                 done = done | (tok == eos_id)
@@ -252,10 +245,7 @@ class GPT(nn.Module):
             logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))
             if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break  # no forward for a token that will not be sampled
-            if use_cache:
-                logits = self(tok[:, None], cache=cache, stop_layer=n_layer)[0][:, -1]
-            else:
-                logits = self(seq, stop_layer=n_layer)[0][:, -1]
+            logits = self(tok[:, None], cache=cache, stop_layer=n_layer)[0][:, -1]  # (N, vocab): one new position
         return seq, torch.stack(logprobs, 1)
 
 

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import (Env, MetricsLog, Progress, RunConfig, Timer, alignment_evidence, autocast, cached_warmup,
-                     check_finite, check_terms, check_weights, compile_forward, layer_list, load_policy, make_optimizer,
-                     now, pad_rollouts, resume_arm, reuse_sft_more, save_arm, save_results, save_sft_more, save_warmup,
-                     stop_if_not_finite, stream_seed, train_for)
+from harness import Env  # noqa: F401  (what every stage shares; the extras import it as oisd.Env)
+from harness import (MetricsLog, Progress, RunConfig, alignment_evidence, autocast, cached_warmup, check_finite, check_step,
+                     check_weights, compile_forward, make_optimizer, now, resume_arm, reuse_sft_more, save_arm, save_results,
+                     save_sft_more, save_warmup, stop_if_not_finite, stream_seed, train_for)
 from model import GPT, KVCache, logit_lens
-from tasks import sample_problems
+from tasks import batch_rewards, sample_problems
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ ARMS = {  # each arm is the config with these fields replaced
     "oisd_lens": dict(adv_weighting="signed", exit_norm="ln_f"),  # the paper's reading: the logit lens
     "oisd_pos_lens": dict(adv_weighting="positive", exit_norm="ln_f"),
     "oisd_lens_frozen": dict(adv_weighting="signed", exit_norm="ln_f_frozen"),  # the lens, its head not trained
-    # two controls: GRPO with its exits trained by cross-entropy instead of by the teacher (exit_ce_loss), and
+    # two controls: GRPO with its exits trained by cross-entropy instead of by the teacher (with_exit_ce), and
     "grpo_ce_exits": dict(lambda_logit=0.0, lambda_attn=0.0, lambda_exit_ce=1.0),
     "sft_more": dict(),  # no RL at all: the warm-up continued for as long as grpo trained (continue_warmup)
 }
@@ -104,6 +104,11 @@ def arm_config(cfg, arm):
     name, _, layers = arm.partition(":")
     overrides = dict(ARMS[name], **({"align_layers": layers.replace("+", ",")} if layers else {}))
     return dataclasses.replace(cfg, **overrides)
+
+
+def layer_list(cfg):
+    """The aligned layers of a config as ints: align_layers '1,3' -> [1, 3]."""
+    return [int(x) for x in cfg.align_layers.split(",")]
 
 
 PRESETS = {  # a preset replaces these defaults first; flags given with it still win
@@ -268,6 +273,16 @@ def warmup(env):
     return state
 
 
+def load_policy(env, cfg, state):
+    """The policy RL starts from: a GPT with the warm-up weights (state), every exit head starting as the
+    logit lens of its layer (each own exit norm a copy of ln_f: the warm-up never trained them)."""
+    model = GPT(env.model_config(cfg)).to(env.device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("exit_ln") for k in missing), (missing, unexpected)
+    model.reset_exit_heads()
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Stage 2: GRPO + OISD
 
@@ -278,7 +293,7 @@ def rollout(env, cfg, model, problems, generator):
         seq, old_logp = model.generate(env.prompts(problems), env.max_new, cfg.temperature, cfg.group_size,
                                        env.eos_id, generator)
     seq, old_logp = seq.clone(), old_logp.clone()  # out of inference mode, so autograd may read them
-    return seq, old_logp, env.rewards(seq, problems, cfg.group_size)
+    return seq, old_logp, batch_rewards(env.task, env.tok, seq[:, env.prompt_len:], problems, cfg.group_size)
 
 
 def forward_responses(cfg, model, seq, prompt_len):
@@ -318,53 +333,50 @@ def rl_loss(cfg, model, seq, prompt_len, old_logp, advantages, mask, ref_logp=No
     return total, terms
 
 
-def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None):
+def rl_step(env, cfg, model, opt, problems, generator, forward=None, ref=None, loss_fn=rl_loss):
     """One GRPO(+OISD) step on `problems`: sample, reward, group advantages, then num_iterations updates.
-    forward: the compiled model, if any; ref: the frozen model of the KL. Raises FloatingPointError naming
-    a non-finite loss term, gradient or weight. Returns (stats {name: float}, seconds {rollout, fwd_bwd, optim})."""
-    P, timer = env.prompt_len, Timer(env.device)
-    seq, old_logp, rewards = rollout(env, cfg, model, problems, generator)  # sample, reward
-    if forward is not None:
-        seq, old_logp = pad_rollouts(seq, old_logp, P + env.max_new, env.eos_id)  # fixed shapes: no recompile
-    forward = model if forward is None else forward
+    forward: the model as the loss calls it (the compiled one, if any); ref: the frozen model of the KL
+    term (kl_beta > 0), else None; loss_fn: rl_loss, or the control arm's (step_loss). Returns the
+    step's stats {name: float}."""
+    P, forward = env.prompt_len, model if forward is None else forward
+    seq, old_logp, rewards = rollout(env, cfg, model, problems, generator)  # sample, reward: (N, P+R), (N, R), (N,)
     advantages = group_advantages(rewards, cfg.group_size, cfg.scale_advantages)  # (N,)
     mask = response_mask(seq[:, P:], env.eos_id)  # (N, R)
-    ref_logp = reference_logprobs(env, cfg, ref, seq)
-    timer.lap("rollout")
+    ref_logp = None if ref is None else reference_logprobs(env, cfg, ref, seq)  # (N, R)
     for _ in range(cfg.num_iterations):
         with autocast(env):
-            total, terms = rl_loss(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
-            if cfg.lambda_exit_ce > 0:  # the control arm grpo_ce_exits, not OISD
-                terms["exit_ce"] = exit_ce_loss(env, cfg, forward, problems)
-                total = total + cfg.lambda_exit_ce * terms["exit_ce"]
-        check_terms(terms)  # a non-finite term stops the run, named
+            total, terms = loss_fn(cfg, forward, seq, P, old_logp, advantages, mask, ref_logp)
         opt.zero_grad(set_to_none=True)
         total.backward()
-        timer.lap("fwd_bwd")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        check_finite("the gradient norm", grad_norm)
         opt.step()
-        check_weights(model)
-        timer.lap("optim")
     stats = {"reward": rewards.mean(), "tokens": mask.sum(), "grad_norm": grad_norm,
              **{f"loss_{k}": v for k, v in terms.items()}}
-    return {k: v.item() for k, v in stats.items()}, timer.seconds
+    return {k: v.item() for k, v in stats.items()}
 
 
 def reference_logprobs(env, cfg, ref, seq):
-    """(N, R) log-probs of the response tokens under ref, the frozen warm-up model of the KL term, or None."""
-    if ref is None:
-        return None
+    """(N, R) log-probs of the response tokens under ref, the frozen warm-up model of the KL term."""
     P = env.prompt_len
     with torch.no_grad(), autocast(env):
         return token_logprobs(ref(seq[:, :-1])[0][:, P - 1:], seq[:, P:], cfg.temperature)
 
 
-def exit_ce_loss(env, cfg, model, problems):
-    """The control arm grpo_ce_exits: mean cross-entropy of the aligned exits on this step's worked solutions."""
-    inputs, targets = env.solutions(problems)
-    exits = model(inputs, exit_layers=layer_list(cfg))[1]
-    return sum(supervised_loss(x, targets) for x in exits.values()) / len(exits)
+def step_loss(env, cfg, problems):
+    """The loss of an arm's step: rl_loss, or the control arm grpo_ce_exits' (with_exit_ce)."""
+    return rl_loss if cfg.lambda_exit_ce == 0 else with_exit_ce(env, problems)
+
+
+def with_exit_ce(env, problems):
+    """The loss of the control arm grpo_ce_exits: rl_loss plus lambda_exit_ce times the mean cross-entropy
+    of the aligned exits on this step's worked solutions (the exits trained without a teacher)."""
+    def loss(cfg, model, *batch):
+        total, terms = rl_loss(cfg, model, *batch)
+        inputs, targets = env.solutions(problems)
+        exits = model(inputs, exit_layers=layer_list(cfg))[1]
+        terms["exit_ce"] = sum(supervised_loss(x, targets) for x in exits.values()) / len(exits)
+        return total + cfg.lambda_exit_ce * terms["exit_ce"], terms
+    return loss
 
 
 def train_arm(env, arm, warm_state, start, log):
@@ -373,21 +385,22 @@ def train_arm(env, arm, warm_state, start, log):
     Checkpoints to out_dir/<arm>.pt, from which --resume continues exactly. Returns the final evaluation."""
     cfg = arm_config(env.cfg, arm)
     model = load_policy(env, cfg, warm_state)
-    ref = load_policy(env, cfg, warm_state).eval() if cfg.kl_beta > 0 else None
+    ref = load_policy(env, cfg, warm_state).eval() if cfg.kl_beta > 0 else None  # the KL term's frozen model
     opt = make_optimizer(model, cfg.rl_lr, env.device)
     rng = random.Random(stream_seed(cfg.seed, "rl_prompts"))  # the prompts: the same sequence in every arm
     gen = torch.Generator(env.device).manual_seed(stream_seed(cfg.seed, "rl_sampling"))  # the rollouts' noise
     path = os.path.join(cfg.out_dir, f"{arm}.pt")
     step, result, train_seconds = (resume_arm(env, cfg, arm, path, model, opt, rng, gen)
                                    or (0, dict(start, train_seconds=0.0), 0.0))
-    forward = compile_forward(env, cfg, model, rl_loss, arm)[0] if cfg.compile else None
-    progress = Progress(arm, cfg, step, log)
+    forward = compile_forward(env, cfg, model, step_loss(env, cfg, env.val[: cfg.prompts_per_step]), arm)[0] if cfg.compile else None
+    progress = Progress(arm, cfg, step, log)  # the progress line every log_every steps
     while step < cfg.rl_steps:
         step += 1
         problems = sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude)
-        with stop_if_not_finite(f"{arm} step {step}", "try a lower --rl_lr"):
-            stats, seconds = rl_step(env, cfg, model, opt, problems, gen, forward, ref)
-        train_seconds += sum(seconds.values())
+        t0 = now(env.device)
+        with stop_if_not_finite(f"{arm} step {step}", "try a lower --rl_lr"):  # one line, naming the number
+            stats = check_step(rl_step(env, cfg, model, opt, problems, gen, forward, ref, step_loss(env, cfg, problems)), model)
+        train_seconds += now(env.device) - t0
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             layers = None if step == cfg.rl_steps else sorted({*layer_list(cfg), cfg.n_layer})  # every exit at the end
             result = dict(evaluate(env, model, env.test, layers), train_seconds=train_seconds)
@@ -455,7 +468,7 @@ def evaluate(env, model, problems, layers=None, lens=True):
                 t0 = now(env.device)
                 seq, _ = head.generate(prompts, env.max_new, temperature=0, eos_id=env.eos_id, exit_layer=layer)
                 out[f"{name}sec_L{layer}"] = now(env.device) - t0  # greedy sampling time of the whole set
-                out[f"{name}acc_L{layer}"] = env.rewards(seq, problems, 1).mean().item()
+                out[f"{name}acc_L{layer}"] = batch_rewards(env.task, env.tok, seq[:, P:], problems, 1).mean().item()
                 if layer == L:
                     final_seq = seq
         mask = response_mask(final_seq[:, P:], env.eos_id)
@@ -486,6 +499,7 @@ def run_seed(env):
             rows[arm] = train_arm(env, arm, warm_state, rows["warm-up start"], log)
     log.close()
     save_results(cfg, rows, t0)  # prints the table, writes results.json
+    harness.save_lens_picture(env, rows, warm_state, load_policy, arm_config)  # lens.png: a held-out problem at every exit
     return rows
 
 

@@ -6,6 +6,7 @@ Arithmetic tasks with an exact-answer reward, and the tokenizer over their small
     prompt, answer = task.sample(random.Random(0))   # '864+394=', 1258
     task.solution(prompt)                            # '1258'  (the worked completion, without EOS)
     task.reward('1258<|endoftext|>', answer)         # 1.0
+    batch_rewards(task, tok, completion, problems, G)  # (N,) 0/1 rewards of a batch of sampled token ids
 
 Every prompt of a task has the same length (operands are zero-padded), so a batch of prompts is a
 rectangular tensor. The reward reads only the final answer (a sparse outcome reward): the completion
@@ -21,6 +22,7 @@ import re
 from collections import Counter
 
 import tiktoken
+import torch
 
 CHARS = "0123456789+=,"
 EOS = "<|endoftext|>"
@@ -140,6 +142,21 @@ def make_task(name, **options):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return TASKS[name](**options)
+
+
+def completion_texts(tok, completion):
+    """completion: (N, R) sampled token ids -> N strings, each cut just after its first EOS (a row without
+    EOS, truncated, is kept whole and earns 0)."""
+    rows = completion.tolist()
+    return [tok.decode(row[: row.index(tok.eot_token) + 1] if tok.eot_token in row else row) for row in rows]
+
+
+def batch_rewards(task, tok, completion, problems, group_size):
+    """The outcome reward of a batch. completion: (N, R) token ids, group_size consecutive rows per problem
+    of `problems` (a list of (prompt, answer)) -> (N,) float tensor of 0/1 (Task.reward), on completion's device."""
+    answers = [a for _, a in problems for _ in range(group_size)]
+    return torch.tensor([task.reward(text, a) for text, a in zip(completion_texts(tok, completion), answers)],
+                        device=completion.device)
 
 
 def problem_key(task, prompt):

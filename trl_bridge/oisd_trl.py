@@ -1,12 +1,12 @@
 """
 OISD inside Hugging Face TRL: GRPOTrainer plus the two OISD terms of oisd.py, for real models and launchers
-(accelerate, torchrun). An optional extra with its own requirements: pip install -r requirements-trl.txt
+(accelerate, torchrun). An optional extra with its own requirements: pip install -r trl_bridge/requirements.txt
 
-    python oisd_trl.py                     # our arithmetic task inside TRL: grpo vs oisd_pos from the warm-up, ~2-4 min on 1 CPU thread
-    python oisd_trl.py --model=DIR --reward=my_module:my_reward --prompts=prompts.txt   # any local causal LM
-    torchrun --nproc_per_node=2 oisd_trl.py --smoke   # 2 processes (gloo): exit norms identical on both ranks
-    python oisd_trl.py --measure=speed     # seconds per TRL step, OISD against plain GRPO, alternated
-    python oisd_trl.py --measure=memory    # peak memory of both terms, chunked against unchunked, and of bf16 weights
+    python trl_bridge/oisd_trl.py          # our arithmetic task inside TRL: grpo vs oisd_pos from the warm-up, ~2-4 min on 1 CPU thread
+    python trl_bridge/oisd_trl.py --model=DIR --reward=my_module:my_reward --prompts=prompts.txt   # any local causal LM
+    torchrun --nproc_per_node=2 trl_bridge/oisd_trl.py --smoke   # 2 processes (gloo): exit norms identical on both ranks
+    python trl_bridge/oisd_trl.py --measure=speed     # seconds per TRL step, OISD against plain GRPO, alternated
+    python trl_bridge/oisd_trl.py --measure=memory    # peak memory of both terms, chunked against unchunked, and of bf16 weights
 
 How it hooks in: TRL's forward returns only log-probabilities (a fused LM head), so forward hooks keep, during
 TRL's own training forward, the residual stream after each aligned block and the backbone's final-normed
@@ -51,10 +51,15 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from model import GPT, GPTConfig
-from oisd import (Config, Env, alignment_weights, arm_config, attention_alignment_loss, evaluate, layer_list,
+# The core (model.py, oisd.py, tasks.py) lives one folder up, at the repository root: importable from any cwd.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from model import GPT, GPTConfig  # noqa: E402
+from oisd import (Config, Env, alignment_weights, arm_config, attention_alignment_loss, evaluate, layer_list,  # noqa: E402
                   load_policy, logit_alignment_loss, warmup)
-from tasks import CHARS, EOS, PAD, sample_problems
+from tasks import CHARS, EOS, PAD, sample_problems  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: every model and tokenizer is local
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -808,7 +813,8 @@ def measure_memory(a):
 
 def main(argv):
     p = argparse.ArgumentParser(prog="oisd_trl.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out/trl", help="warm-up cache, TRL outputs and trl_results.json")
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "trl"),
+                   help="warm-up cache, TRL outputs and trl_results.json (default: out/trl at the repository root)")
     p.add_argument("--arms", default="grpo,oisd_pos", help="arms of oisd.ARMS to train inside TRL")
     p.add_argument("--align_layers", default="2", help="aligned layer(s), 1-based, comma-separated")
     p.add_argument("--seconds", type=float, default=900.0, help="wall seconds of TRL training per arm at most")

@@ -3,11 +3,11 @@ Measurement built on top of oisd.py (which never imports this file): grids of se
 intervals and power, the post-hoc exit probe, Avg@K and the chain task's step accuracy, a benchmark of
 RL steps, self-speculative decoding with each arm's exits, and RESULTS.md.
 
-    python experiments.py --seeds=0,1,2,3,4 --arms=grpo,oisd,oisd_pos --resume   # a grid, then tables and plots
-    python experiments.py --bench                                                # seconds per RL step, by phase
-    python experiments.py --speculative --out_dir=runs/depth --n_layer=8 ...     # time the exits as drafters
-    python experiments.py --report=runs/add3,runs/chain --out_dir=.             # RESULTS.md from finished grids
-    python experiments.py --help                                                 # every flag
+    python research/experiments.py --seeds=0,1,2,3,4 --arms=grpo,oisd,oisd_pos --resume   # a grid, then tables and plots
+    python research/experiments.py --bench                                                # seconds per RL step, by phase
+    python research/experiments.py --speculative --out_dir=runs/depth --n_layer=8 ...     # time the exits as drafters
+    python research/experiments.py --report=runs/add3,runs/chain --out_dir=research       # RESULTS.md from finished grids
+    python research/experiments.py --help                                                 # every flag
 
 Every flag of oisd.py works here too. The plots need matplotlib (pip install matplotlib); without it they
 are skipped.
@@ -30,13 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import (MAX_GIB, ConfigError, Env, autocast, load_checkpoint, make_optimizer, now, preflight, refuse,
-                     stream_seed, warmup_path, write_atomic)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
+from harness import (MAX_GIB, ConfigError, Env, PaddedForward, autocast, load_checkpoint, make_optimizer, now, preflight,
+                     refuse, stream_seed, warmup_path, write_atomic)
 from model import GPT, KVCache
 from oisd import (NO_LAYERS, Config, arm_config, evaluate, layer_list, load_policy, response_mask, rl_step, run_seed,
                   sample_problems, setup, warmup)
 from speculative import speculative_generate
-from tasks import EOS
+from tasks import EOS, batch_rewards
 
 
 @dataclass
@@ -177,7 +178,7 @@ def sampled_and_step_metrics(env, model):
     with autocast(env):
         greedy, _ = model.generate(env.prompts(test), env.max_new, temperature=0, eos_id=env.eos_id)
         sampled, _ = model.generate(env.prompts(test), env.max_new, cfg.temperature, K, env.eos_id, gen)
-    rewards = env.rewards(sampled, test, K).view(len(test), K)
+    rewards = batch_rewards(env.task, env.tok, sampled[:, env.prompt_len:], test, K).view(len(test), K)
     out = {"avgk": rewards.mean().item(), "passk": (rewards.max(1).values > 0).float().mean().item()}
     for name, seq, n in (("", greedy, 1), ("sampled_", sampled, K)):
         steps = [env.task.steps(c, p) for c, (p, _) in zip(env.completions(seq), (pr for pr in test for _ in range(n)))]
@@ -557,6 +558,45 @@ def make_plots(cfg, seeds, arms, summary):
 # -----------------------------------------------------------------------------
 # The benchmark
 
+class StepPhases:
+    """Seconds of one RL step by phase, measured from outside it: rollout, the sampler (model.generate,
+    wrapped on this model); optim, the optimizer's step (its step hooks); fwd_bwd, the rest of the step
+    (rewards, advantages, the loss's forward and backward, the gradient clip)."""
+
+    def __init__(self, model, opt, device):
+        self.device, self.seconds, self.started = device, {}, None
+        generate = model.generate
+
+        def timed_generate(*args, **kwargs):
+            t0 = now(device)
+            out = generate(*args, **kwargs)
+            self.seconds["rollout"] += now(device) - t0
+            return out
+        model.generate = timed_generate  # this instance only
+        opt.register_step_pre_hook(lambda *_: setattr(self, "started", now(device)))
+        opt.register_step_post_hook(lambda *_: self.seconds.__setitem__("optim", self.seconds["optim"] + now(device) - self.started))
+
+    def time(self, step_fn):
+        """Run step_fn() -> its result and {rollout, fwd_bwd, optim} seconds."""
+        self.seconds = {"rollout": 0.0, "optim": 0.0}
+        t0 = now(self.device)
+        out = step_fn()
+        total = now(self.device) - t0
+        return out, {"rollout": self.seconds["rollout"], "fwd_bwd": total - self.seconds["rollout"] - self.seconds["optim"],
+                     "optim": self.seconds["optim"]}
+
+
+@torch.inference_mode()
+def naive_sample(model, prompts, max_new_tokens, temperature, num_samples, generator):
+    """The sampler without a KV cache, for comparison: the whole prefix runs again for every new token."""
+    seq = prompts.repeat_interleave(num_samples, dim=0)  # (N, P)
+    for _ in range(max_new_tokens):
+        logits = model(seq)[0][:, -1]  # (N, vocab)
+        tok = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)  # (N, 1)
+        seq = torch.cat([seq, tok], dim=1)
+    return seq
+
+
 def bench(env):
     """Time RL steps in steady state, starting from the warm-up checkpoint (so rewards and gradients are
     real): median seconds per phase over bench_steps steps (after 5 unmeasured ones) for plain GRPO and
@@ -568,8 +608,9 @@ def bench(env):
     for arm in ("grpo", "oisd"):
         acfg = arm_config(cfg, arm)
         model = load_policy(env, acfg, warm_state)
-        arms[arm] = dict(cfg=acfg, model=model, opt=make_optimizer(model, cfg.rl_lr, dev),
-                         forward=torch.compile(model, dynamic=False) if cfg.compile else None,
+        opt = make_optimizer(model, cfg.rl_lr, dev)
+        arms[arm] = dict(cfg=acfg, model=model, opt=opt, phases=StepPhases(model, opt, dev),
+                         forward=PaddedForward(model, env.max_new, env.eos_id) if cfg.compile else None,
                          gen=torch.Generator(dev).manual_seed(stream_seed(cfg.seed, "bench")), times=[], tokens=[])
     rng, peak = random.Random(stream_seed(cfg.seed, "bench")), {}
     for i in range(5 + cfg.bench_steps):
@@ -577,7 +618,7 @@ def bench(env):
         for arm, a in arms.items():
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            stats, seconds = rl_step(env, a["cfg"], a["model"], a["opt"], problems, a["gen"], a["forward"])
+            stats, seconds = a["phases"].time(lambda: rl_step(env, a["cfg"], a["model"], a["opt"], problems, a["gen"], a["forward"]))
             if dev == "cuda":
                 peak[arm] = max(peak.get(arm, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             if i >= 5:
@@ -606,12 +647,14 @@ def bench(env):
         print(f"{label:<16}{g:12.4f}{o:12.4f}{o / g:12.2f}")
     model, gen = arms["grpo"]["model"], arms["grpo"]["gen"]
     prompts = env.prompts(sample_problems(env.task, rng, cfg.prompts_per_step, env.exclude))
+    samplers = {True: lambda: model.generate(prompts, env.max_new, cfg.temperature, cfg.group_size, None, gen),
+                False: lambda: naive_sample(model, prompts, env.max_new, cfg.temperature, cfg.group_size, gen)}
     runs = {True: [], False: []}
     for _ in range(10):
-        for use_cache in runs:
+        for use_cache, sample in samplers.items():
             t0 = now(dev)
             with autocast(env):
-                model.generate(prompts, env.max_new, cfg.temperature, cfg.group_size, None, gen, use_cache=use_cache)
+                sample()
             runs[use_cache].append(now(dev) - t0)
     cached, naive = float(np.median(runs[True][2:])), float(np.median(runs[False][2:]))
     tokens = n * env.max_new
@@ -892,7 +935,7 @@ def write_report(cfg):
     """RESULTS.md: a headline table across the grids named by --report (one row per setting and arm:
     paired differences to grpo in greedy accuracy and Avg@K, with intervals and minimum detectable
     effects, and the probed exit), then each grid's summary.md, speculative.md and step_test.md, as written."""
-    lines = ["# Results", "", "Generated by `python experiments.py --report=" + cfg.report + "` from the grids' "
+    lines = ["# Results", "", "Generated by `python research/experiments.py --report=" + cfg.report + "` from the grids' "
              "summary.json, summary.md, speculative.md and step_test.md files; every table below is a command's own output.", "",
              "## Headline: every setting, each arm against GRPO on the same seeds", "",
              "Differences in points (final layer), mean over seeds [95% t-interval] (minimum detectable effect at 80% "
@@ -1064,7 +1107,7 @@ def plot_step_changes(cfg, results):
 
 
 def main(argv):
-    env = setup(argv, ExpConfig, "experiments.py", validate_experiment)
+    env = setup(argv, ExpConfig, "research/experiments.py", validate_experiment)
     cfg = env.cfg
     if cfg.report:
         write_report(cfg)

@@ -2,7 +2,7 @@
 Tests of the TRL bridge (oisd_trl.py): CPU, offline, tiny models. In the core's venv (no TRL) the module is
 skipped; CI runs it in its own venv with OISD_TRL_REQUIRED=1, where a missing package is an error, not a skip.
 
-    pip install -r requirements-trl.txt && OISD_TRL_REQUIRED=1 python -m pytest -q -rs test_oisd_trl.py
+    pip install -r trl_bridge/requirements.txt && OISD_TRL_REQUIRED=1 python -m pytest -q -rs trl_bridge/test_oisd_trl.py
 
 The heart of it: the terms the trainer logs equal oisd.rl_loss's on our GPT and its to_hf copy.
 """
@@ -23,6 +23,7 @@ if os.environ.get("OISD_TRL_REQUIRED") == "1":
 else:
     pytest.importorskip("trl")
 
+# pytest puts this folder on sys.path (oisd_trl); importing oisd_trl puts the repository root there (the core)
 import oisd_trl as ot  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from oisd import Config, Env, load_policy, response_mask, rl_loss, warmup  # noqa: E402
