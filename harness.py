@@ -716,10 +716,14 @@ def save_lens_picture(env, rows, warm_state, load_policy, arm_config):
         print("lens.png skipped: pip install matplotlib to draw it")
         return
     path, problem = os.path.join(env.cfg.out_dir, "lens.png"), env.test[0]
-    with torch.random.fork_rng(devices=[]):  # building a GPT draws its initial weights from the global stream
-        models = lens_models(env, rows, warm_state, load_policy, arm_config)
-        grids = {name: lens_grid(env, model, problem) for name, model in models.items()}
-    draw_lens(env, grids, problem, path)
+    try:  # a picture must never cost the run (or a grid) its results
+        with torch.random.fork_rng(devices=[]):  # building a GPT draws its initial weights from the global stream
+            models = lens_models(env, rows, warm_state, load_policy, arm_config)
+            grids = {name: lens_grid(env, model, problem) for name, model in models.items()}
+        draw_lens(env, grids, problem, path)
+    except Exception as e:
+        print(f"lens.png skipped: {type(e).__name__}: {e}")
+        return
     print(f"saved {path}: held-out {problem[0]} read at every exit of {', '.join(grids)}")
 
 
@@ -727,8 +731,9 @@ def save_lens_picture(env, rows, warm_state, load_policy, arm_config):
 # Compile: fixed shapes, compiled before the timed steps
 
 class PaddedForward:
-    """The compiled model behind the model's own call signature: a call with a KV cache (the response
-    part of oisd.forward_responses) is padded with EOS to `length` positions, so the compiled graph always
+    """The compiled model behind the model's own call signature: a call after cached positions (the response
+    part of oisd.forward_responses; not the prompt pass that fills an empty cache) is padded with EOS to
+    `length` positions, so the compiled graph always
     sees the same shapes and never recompiles, and every output is cut back to the positions asked for
     (causal attention: no asked-for position sees the padding)."""
 
@@ -738,7 +743,7 @@ class PaddedForward:
 
     def __call__(self, idx, cache=None, **kwargs):
         T = idx.size(1)
-        if cache is None or T == self.length:
+        if cache is None or cache.length() == 0 or T == self.length:
             return self.compiled(idx, cache=cache, **kwargs)
         keys = cache.length() + T
         logits, exits, attns = self.compiled(F.pad(idx, (0, self.length - T), value=self.eos_id), cache=cache, **kwargs)

@@ -929,3 +929,22 @@ def test_lens_png_without_matplotlib_is_one_line_and_the_run_goes_on(tmp_path, c
     assert lines == ["lens.png skipped: pip install matplotlib to draw it"]
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"warm-up start", "grpo", "oisd_pos"}
     assert not (tmp_path / "lens.png").exists()
+
+
+def test_padded_forward_gives_the_unpadded_forward_responses():
+    """harness.PaddedForward (the compiled path, emulated eagerly here) pads only the response pass, after the
+    prompt fills the cache: logits, exits and attention rows equal the plain forward's at every asked position."""
+    env = tiny_env(n_layer=3)
+    cfg = oisd.arm_config(env.cfg, "oisd")
+    model = GPT(env.model_config(cfg)).eval()
+    padded = harness.PaddedForward(model, env.max_new + 3, env.eos_id)
+    padded.compiled = model  # the eager model behind the same padding, so no compile is needed here
+    seq, _, _ = oisd.rollout(env, cfg, model, sample_problems(env.task, random.Random(0), 4, env.exclude),
+                             torch.Generator().manual_seed(0))
+    want, got = oisd.forward_responses(cfg, model, seq, env.prompt_len), oisd.forward_responses(cfg, padded, seq, env.prompt_len)
+    torch.testing.assert_close(got[0], want[0], msg="final logits through PaddedForward")
+    for layer in want[1]:
+        torch.testing.assert_close(got[1][layer], want[1][layer], msg=f"exit logits of layer {layer}")
+    for layer in want[2]:
+        assert got[2][layer].shape == want[2][layer].shape, f"attention rows of layer {layer}: shape"
+        torch.testing.assert_close(got[2][layer], want[2][layer], msg=f"attention rows of layer {layer}")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
-from harness import (MAX_GIB, ConfigError, Env, PaddedForward, autocast, load_checkpoint, make_optimizer, now, preflight,
+from harness import (MAX_GIB, ConfigError, Env, PaddedForward, autocast, check_step, load_checkpoint, make_optimizer, now, preflight,
                      refuse, stream_seed, warmup_path, write_atomic)
 from model import GPT, KVCache
 from oisd import (NO_LAYERS, Config, arm_config, evaluate, layer_list, load_policy, response_mask, rl_step, run_seed,
@@ -618,7 +618,8 @@ def bench(env):
         for arm, a in arms.items():
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            stats, seconds = a["phases"].time(lambda: rl_step(env, a["cfg"], a["model"], a["opt"], problems, a["gen"], a["forward"]))
+            stats, seconds = a["phases"].time(lambda: check_step(rl_step(env, a["cfg"], a["model"], a["opt"], problems, a["gen"],
+                                                                         a["forward"]), a["model"]))
             if dev == "cuda":
                 peak[arm] = max(peak.get(arm, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             if i >= 5:

@@ -380,7 +380,7 @@ def tables(per_seed, arms, cfg):
 
     n_groups = min(cfg.diag_groups, cfg.prompts_per_step)
     lens = [a for a in arms if aligned(arm_config(cfg, a))]
-    lines = [f"# Where the gradient goes ({', '.join(map(str, per_seed))}: {len(per_seed)} seeds)", "",
+    lines = [f"# Where the gradient goes: {len(per_seed)} seed(s), {', '.join(map(str, per_seed))}", "",
              f"{cfg.diag_batches} fresh batches of {cfg.prompts_per_step} x {cfg.group_size} rollouts per arm and point, fp32; "
              f"'start' is the warm-up model with the arm's config, 'end' the arm after {cfg.rl_steps} RL steps. Each cell is "
              "the mean over seeds ('(k)': only k seeds had a finite value). l is the aligned layer (the deepest, with several).", "",
