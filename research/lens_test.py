@@ -1,0 +1,181 @@
+"""
+The report of the test fixed in advance "OISD read the paper's way, through the logit lens" (research/README.md,
+#lens-test), from the grids' collected summaries: the primary test, the secondaries, the strength grids and
+the gradient diagnostics (research/gradients.py's gradients.md, where it was run).
+
+    python research/lens_test.py --chain=runs/lens_chain --addition=runs/lens_add3 \
+        --strength=runs/lens_strength --out=runs/lens_test.md
+
+Each grid must have been collected with --skip_missed over all of its seeds (research/experiments.py writes
+summary.json). Writes --out (markdown) and the same numbers as JSON next to it (.json).
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
+from harness import refuse, write_atomic  # noqa: E402
+from oisd import arm_config, layer_list  # noqa: E402
+from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test  # noqa: E402
+
+PRIMARY = "oisd_lens"  # the confirmatory comparison: final-layer Avg@K, oisd_lens - grpo, on the chain
+
+
+def read_grid(path):
+    """path/summary.json -> (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one
+    line: it must be a --skip_missed collection with grpo and the same rows on every seed."""
+    try:
+        with open(os.path.join(path, "summary.json")) as f:
+            saved = json.load(f)
+        per_seed, missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
+        rows = list(next(iter(per_seed.values()))) if per_seed else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+        refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
+    if not c.get("skip_missed") or any(list(r) != rows for r in per_seed.values()) or not per_seed:
+        refuse(f"{path}: collect it with --skip_missed, every seed with the same arms")
+    return per_seed, missed, c
+
+
+def compare(per_seed, arm, base, key):
+    """The paired test (in points) of measure `key`, arm - base, over the seeds of per_seed (sorted)."""
+    seeds = sorted(per_seed, key=int)
+    return paired_test(np.round(100 * np.array([per_seed[s][arm][key] - per_seed[s][base][key] for s in seeds]), 6))  # k/500 ties stay ties
+
+
+def cell(t):
+    """'+1.2 [-0.5, +2.9], p 0.21 / 0.25 (MDE 3.1)': mean [95% t-interval], paired t p / Wilcoxon p (MDE)."""
+    p = "n/a" if math.isnan(t["p"]) else f"{t['p']:.3f}"
+    return f"{t['mean']:+.1f} [{t['lo']:+.1f}, {t['hi']:+.1f}], p {p} / {t['p_wilcoxon']:.3f} (MDE {t['mde']:.1f})"
+
+
+def mean_pct(per_seed, row, key):
+    return 100 * float(np.mean([per_seed[s][row][key] for s in per_seed]))
+
+
+def primary(per_seed, c):
+    """The confirmatory test and its verdict, by the rule fixed in advance."""
+    t = compare(per_seed, PRIMARY, "grpo", "avgk")
+    paper = 100 * PAPER_RELATIVE_GAIN * float(np.mean([per_seed[s]["grpo"]["avgk"] for s in per_seed]))
+    if t["p"] < 0.05:
+        verdict = "helps" if t["mean"] > 0 else "hurts"
+    else:
+        verdict = "no effect shown"
+    seeds = sorted(per_seed, key=int)
+    diffs = ", ".join(f"{s}: {100 * (per_seed[s][PRIMARY]['avgk'] - per_seed[s]['grpo']['avgk']):+.1f}" for s in seeds)
+    lines = [f"**Primary (confirmatory): chain, final-layer Avg@{c['avg_k']}, {PRIMARY} - grpo, n = {t['n']}.** "
+             f"{t['mean']:+.1f} points [{t['lo']:+.1f}, {t['hi']:+.1f}] (95% t-interval), t = {t['t']:.2f}, "
+             f"p = {t['p']:.3f} (paired t, two-sided), Wilcoxon signed-rank p = {t['p_wilcoxon']:.3f} (exact), "
+             f"minimum detectable effect {t['mde']:.1f} points (80% power). Verdict by the rule fixed in advance: "
+             f"**{verdict}**.", "",
+             f"Per seed (points): {diffs}.", "",
+             f"The paper's relative gain (+{100 * PAPER_RELATIVE_GAIN:.1f}%) at this grpo's Avg@{c['avg_k']} is "
+             f"+{paper:.1f} points; the interval {'excludes' if t['hi'] < paper else 'does not exclude'} it."]
+    return lines, dict(t, verdict=verdict, paper_effect=paper)
+
+
+def arm_table(per_seed, c, arms, base="grpo"):
+    """Every arm against `base`: Avg@K and greedy (final layer), and each aligned exit as trained, through
+    ln_f (lens) and probed, as means over seeds (the base's at the same layer beside it)."""
+    L, k = c["n_layer"], c["avg_k"]
+    lines = [f"| arm | Avg@{k} | vs {base} | greedy | vs {base} | aligned exit: as trained, lens, probe ({base}'s) |",
+             "|---|---|---|---|---|---|"]
+    out = {}
+    for arm in arms:
+        avgk, greedy = compare(per_seed, arm, base, "avgk"), compare(per_seed, arm, base, f"acc_L{L}")
+        layers = layer_list(arm_config(ExpConfig(**c), arm)) if arm != "grpo_ce_exits" else list(range(1, L))
+        exits = "; ".join(
+            f"L{l} " + ", ".join(f"{mean_pct(per_seed, arm, f'{kind}acc_L{l}'):.1f} ({mean_pct(per_seed, base, f'{kind}acc_L{l}'):.1f})"
+                                 for kind in ("", "lens_", "probe_")) for l in layers)
+        lines.append(f"| {arm} | {mean_pct(per_seed, arm, 'avgk'):.1f} | {cell(avgk)} | "
+                     f"{mean_pct(per_seed, arm, f'acc_L{L}'):.1f} | {cell(greedy)} | {exits} |")
+        out[arm] = dict(avgk=avgk, greedy=greedy)
+    return lines, out
+
+
+def step_lines(per_seed, arms):
+    """The chain's greedy step accuracy, each arm against grpo."""
+    lines = ["| arm | step acc | vs grpo |", "|---|---|---|"]
+    out = {}
+    for arm in ["grpo", *arms]:
+        t = compare(per_seed, arm, "grpo", "step_acc") if arm != "grpo" else None
+        lines.append(f"| {arm} | {mean_pct(per_seed, arm, 'step_acc'):.1f} | {cell(t) if t else ''} |")
+        out[arm] = t
+    return lines, out
+
+
+def strength_lines(strength_dir, add_per_seed):
+    """Each strength grid's one arm against grpo of the addition grid on the same seeds (the same warm-ups):
+    per-seed differences and their mean, exploratory (3 seeds: no test)."""
+    lines = ["| grid | arm | lambda | seeds | Avg@K - grpo, per seed (mean) | greedy - grpo (mean) | aligned exit - grpo's (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    out = {}
+    for path in sorted(glob.glob(os.path.join(strength_dir, "*", "summary.json"))):
+        grid = os.path.dirname(path)
+        per_seed, _, c = read_grid(grid)
+        (arm,) = [r for r in next(iter(per_seed.values())) if r != "warm-up start"]
+        if not set(per_seed) <= set(add_per_seed):
+            refuse(f"{grid}: seeds {sorted(set(per_seed) - set(add_per_seed))} are not in the addition grid")
+        seeds, L = sorted(per_seed, key=int), c["n_layer"]
+        (l,) = layer_list(arm_config(ExpConfig(**c), arm))
+        diff = {name: [100 * (per_seed[s][arm][key] - add_per_seed[s]["grpo"][key]) for s in seeds]
+                for name, key in (("avgk", "avgk"), ("greedy", f"acc_L{L}"), ("exit", f"acc_L{l}"))}
+        lam = f"logit {c['lambda_logit']}" if arm == "logit_only" else f"attn {c['lambda_attn']}"
+        lines.append(f"| {os.path.basename(grid)} | {arm} ({c['exit_norm']}) | {lam} | {','.join(seeds)} | "
+                     + " | ".join(", ".join(f"{d:+.1f}" for d in diff[n]) + f" ({np.mean(diff[n]):+.1f})"
+                                  for n in ("avgk", "greedy", "exit")) + " |")
+        out[os.path.basename(grid)] = diff
+    return lines, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--chain", required=True, help="the chain grid's out_dir (the primary test)")
+    p.add_argument("--addition", required=True, help="the addition grid's out_dir")
+    p.add_argument("--strength", default="", help="the folder holding the strength grids (optional)")
+    p.add_argument("--out", required=True, help="the markdown report to write")
+    a = p.parse_args(argv)
+    report, data = ["# The lens test", ""], {}
+    for name, path in (("chain", a.chain), ("addition", a.addition)):
+        per_seed, missed, c = read_grid(path)
+        arms = [r for r in next(iter(per_seed.values())) if r not in ("warm-up start", "grpo")]
+        seeds = sorted(per_seed, key=int)
+        report += [f"## {name} (`{path}`): {len(seeds)} valid seeds ({','.join(seeds)}); missed warm-ups (no RL): "
+                   + (", ".join(f"{s} ({100 * v:.1f}%)" for s, v in missed.items()) or "none"), ""]
+        data[name] = {"seeds": seeds, "missed": missed}
+        if name == "chain":
+            lines, data[name]["primary"] = primary(per_seed, c)
+            report += lines + ["", "Secondary (exploratory, uncorrected):", ""]
+        lines, data[name]["arms"] = arm_table(per_seed, c, arms)
+        report += lines + [""]
+        if name == "chain":
+            lines, data[name]["step_acc"] = step_lines(per_seed, arms)
+            report += ["Step accuracy (greedy):", ""] + lines + [""]
+        elif "grpo_ce_exits" in arms:
+            lines, data[name]["ce_vs_lens"] = arm_table(per_seed, c, ["grpo_ce_exits"], base=PRIMARY)
+            report += [f"`grpo_ce_exits` against `{PRIMARY}`:", ""] + lines + [""]
+        if name == "addition":
+            add_per_seed = per_seed  # the strength grids' grpo: the same seeds and warm-ups
+        diag = os.path.join(path, "gradients.md")
+        if os.path.exists(diag):
+            report += [f"Where the gradient goes ({diag}):", "", open(diag).read().strip(), ""]
+    if a.strength:
+        lines, data["strength"] = strength_lines(a.strength, add_per_seed)
+        report += ["## The strength of the terms (exploratory; against the addition grid's grpo on the same seeds)",
+                   "", *lines, ""]
+        for diag in sorted(glob.glob(os.path.join(a.strength, "*", "gradients.md"))):
+            report += [f"AdamW update per group ({diag}):", "", open(diag).read().strip(), ""]
+    text = "\n".join(report)
+    write_atomic(a.out, text + "\n")
+    write_atomic(os.path.splitext(a.out)[0] + ".json", json.dumps(data, indent=1, default=float))
+    print(text)
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

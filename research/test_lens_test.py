@@ -1,0 +1,102 @@
+"""Tests of research/lens_test.py on hand-made grid summaries: the primary test's numbers against a direct
+computation, the verdict rule fixed in advance, the strength grids' pairing, and the one-line refusals."""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import experiments  # noqa: E402
+import lens_test  # noqa: E402
+
+L = 4
+
+
+def measures(avgk, greedy=0.5, exit_acc=0.2, step=0.7):
+    out = {"avgk": avgk, f"acc_L{L}": greedy, "step_acc": step}
+    for layer in range(1, L):
+        out.update({f"acc_L{layer}": exit_acc, f"lens_acc_L{layer}": exit_acc, f"probe_acc_L{layer}": exit_acc})
+    return out
+
+
+def write_grid(path, per_seed, missed=None, **config):
+    cfg = dict(dataclasses.asdict(experiments.ExpConfig(skip_missed=True)), **config)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump({"config": cfg, "per_seed": per_seed, "missed": missed or {}}, f)
+
+
+def grids(tmp_path, lens_minus_grpo):
+    """A chain grid whose oisd_lens - grpo Avg@K per seed is lens_minus_grpo, an addition grid, one strength grid."""
+    grpo = [0.40, 0.45, 0.50, 0.42, 0.48, 0.44]
+    chain = {str(200 + i): {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g + d),
+                            "oisd_pos_lens": measures(g, exit_acc=0.6)}
+             for i, (g, d) in enumerate(zip(grpo, lens_minus_grpo))}
+    write_grid(tmp_path / "chain", chain, missed={"203": 0.31}, task="chain", digits=3)
+    add = {str(300 + i): {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g),
+                          "grpo_ce_exits": measures(g - 0.01, exit_acc=0.5)} for i, g in enumerate(grpo[:4])}
+    write_grid(tmp_path / "add", add)
+    strength = {str(300 + i): {"warm-up start": measures(0.3), "logit_only": measures(g + 0.02 * (i + 1))}
+                for i, g in enumerate(grpo[:3])}
+    write_grid(tmp_path / "strength" / "logit10", strength, arms="logit_only", exit_norm="ln_f", lambda_logit=10.0)
+    return grpo
+
+
+def run(tmp_path, capsys):
+    lens_test.main([f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}",
+                    f"--strength={tmp_path / 'strength'}", f"--out={tmp_path / 'lens_test.md'}"])
+    capsys.readouterr()
+    return json.load(open(tmp_path / "lens_test.json")), (tmp_path / "lens_test.md").read_text()
+
+
+@pytest.mark.parametrize("diffs, verdict", [([0.03, 0.05, 0.04, 0.06, 0.02, 0.05], "helps"),
+                                            ([-0.03, -0.05, -0.04, -0.06, -0.02, -0.05], "hurts"),
+                                            ([0.03, -0.05, 0.04, -0.02, 0.01, -0.01], "no effect shown")])
+def test_primary_test_and_its_verdict(tmp_path, capsys, diffs, verdict):
+    grpo = grids(tmp_path, diffs)
+    data, text = run(tmp_path, capsys)
+    d, n = 100 * np.array(diffs), len(diffs)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(n))
+    got = data["chain"]["primary"]
+    assert got["verdict"] == verdict, (got["verdict"], verdict)
+    assert got["mean"] == pytest.approx(d.mean()) and got["t"] == pytest.approx(t)
+    assert got["hi"] - got["mean"] == pytest.approx(2.571 * d.std(ddof=1) / math.sqrt(n))  # t_0.975 with 5 df
+    assert got["paper_effect"] == pytest.approx(100 * (64.75 / 55.08 - 1) * np.mean(grpo))
+    assert f"**{verdict}**" in text and "203 (31.0%)" in text
+    assert data["chain"]["seeds"] == [str(s) for s in range(200, 206)]
+
+
+def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsys):
+    grids(tmp_path, [0.01] * 6)
+    data, text = run(tmp_path, capsys)
+    assert math.isnan(data["chain"]["primary"]["p"])  # every difference equal: t undefined, no verdict of an effect
+    assert data["chain"]["primary"]["verdict"] == "no effect shown"
+    assert data["addition"]["arms"]["grpo_ce_exits"]["avgk"]["mean"] == pytest.approx(-1.0)
+    assert data["addition"]["ce_vs_lens"]["grpo_ce_exits"]["avgk"]["mean"] == pytest.approx(-1.0)
+    assert data["chain"]["step_acc"]["oisd_pos_lens"]["mean"] == pytest.approx(0.0)
+    # the strength grid's arm against the addition grid's grpo of the same seed: +2, +4, +6 points
+    assert data["strength"]["logit10"]["avgk"] == pytest.approx([2.0, 4.0, 6.0])
+    assert "| logit10 | logit_only (ln_f) | logit 10.0 | 300,301,302 | +2.0, +4.0, +6.0 (+4.0)" in text
+    # the aligned exit of oisd_pos_lens (layer 2 by default), as trained, lens and probe, grpo's beside it
+    assert "L2 60.0 (20.0), 60.0 (20.0), 60.0 (20.0)" in text
+
+
+def test_refusals_are_one_line(tmp_path, capsys):
+    grids(tmp_path, [0.01, 0.02, 0.0, 0.03, -0.01, 0.02])
+    write_grid(tmp_path / "strength" / "bad", {"399": {"warm-up start": measures(0.3), "attn_only": measures(0.4)}},
+               arms="attn_only")
+    for args in ([f"--chain={tmp_path / 'none'}", f"--addition={tmp_path / 'add'}"],
+                 [f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--strength={tmp_path / 'strength'}"]):
+        with pytest.raises(SystemExit) as e:
+            lens_test.main(args + [f"--out={tmp_path / 'x.md'}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+    write_grid(tmp_path / "chain", json.load(open(tmp_path / "chain" / "summary.json"))["per_seed"], skip_missed=False)
+    with pytest.raises(SystemExit) as e:
+        lens_test.main([f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'x.md'}"])
+    assert e.value.code == 2 and "--skip_missed" in capsys.readouterr().err
