@@ -27,19 +27,31 @@ from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test  # noqa: E40
 PRIMARY = "oisd_lens"  # the confirmatory comparison: final-layer Avg@K, oisd_lens - grpo, on the chain
 
 
-def read_grid(path):
-    """path/summary.json -> (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one
-    line: it must be a --skip_missed collection with grpo and the same rows on every seed."""
-    try:
-        with open(os.path.join(path, "summary.json")) as f:
-            saved = json.load(f)
-        per_seed, missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
-        rows = list(next(iter(per_seed.values()))) if per_seed else []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
-        refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
-    if not c.get("skip_missed") or any(list(r) != rows for r in per_seed.values()) or not per_seed:
-        refuse(f"{path}: collect it with --skip_missed, every seed with the same arms")
-    return per_seed, missed, c
+def read_grid(paths):
+    """'dir' or 'dir1,dir2' (one grid collected in parts, e.g. over two working sessions) -> (per_seed {seed:
+    {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. Each dir/summary.json must be a
+    --skip_missed collection with grpo and the same rows on every seed; the parts must share every setting
+    but the seeds and out_dir, and no seed."""
+    per_seed, missed, config = {}, {}, None
+    for path in paths.split(","):
+        try:
+            with open(os.path.join(path, "summary.json")) as f:
+                saved = json.load(f)
+            part, part_missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
+            rows = list(next(iter(part.values()))) if part else []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
+        if not c.get("skip_missed") or any(list(r) != rows for r in part.values()) or not part:
+            refuse(f"{path}: collect it with --skip_missed, every seed with the same arms")
+        settings = {k: v for k, v in c.items() if k not in ("seeds", "out_dir")}
+        if config is not None and (settings != config or rows != list(next(iter(per_seed.values())))):
+            refuse(f"{path}: its settings or arms differ from {paths.split(',')[0]}'s")
+        if (set(part) | set(part_missed)) & (set(per_seed) | set(missed)):
+            refuse(f"{path}: a seed of it is already in an earlier part")
+        per_seed.update(part)
+        missed.update(part_missed)
+        config = settings
+    return per_seed, missed, dict(config, seeds=",".join(sorted([*per_seed, *missed], key=int)))
 
 
 def compare(per_seed, arm, base, key):
@@ -135,8 +147,8 @@ def strength_lines(strength_dir, add_per_seed):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--chain", required=True, help="the chain grid's out_dir (the primary test)")
-    p.add_argument("--addition", required=True, help="the addition grid's out_dir")
+    p.add_argument("--chain", required=True, help="the chain grid's out_dir (the primary test); dir1,dir2 for parts")
+    p.add_argument("--addition", required=True, help="the addition grid's out_dir; dir1,dir2 for parts")
     p.add_argument("--strength", default="", help="the folder holding the strength grids (optional)")
     p.add_argument("--out", required=True, help="the markdown report to write")
     a = p.parse_args(argv)
@@ -161,9 +173,9 @@ def main(argv=None):
             report += [f"`grpo_ce_exits` against `{PRIMARY}`:", ""] + lines + [""]
         if name == "addition":
             add_per_seed = per_seed  # the strength grids' grpo: the same seeds and warm-ups
-        diag = os.path.join(path, "gradients.md")
-        if os.path.exists(diag):
-            report += [f"Where the gradient goes ({diag}):", "", open(diag).read().strip(), ""]
+        for diag in [os.path.join(part, "gradients.md") for part in path.split(",")]:
+            if os.path.exists(diag):
+                report += [f"Where the gradient goes ({diag}):", "", open(diag).read().strip(), ""]
     if a.strength:
         lines, data["strength"] = strength_lines(a.strength, add_per_seed)
         report += ["## The strength of the terms (exploratory; against the addition grid's grpo on the same seeds)",

@@ -37,7 +37,7 @@ def grids(tmp_path, lens_minus_grpo):
     chain = {str(200 + i): {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g + d),
                             "oisd_pos_lens": measures(g, exit_acc=0.6)}
              for i, (g, d) in enumerate(zip(grpo, lens_minus_grpo))}
-    write_grid(tmp_path / "chain", chain, missed={"203": 0.31}, task="chain", digits=3)
+    write_grid(tmp_path / "chain", chain, missed={"206": 0.31}, task="chain", digits=3)
     add = {str(300 + i): {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g),
                           "grpo_ce_exits": measures(g - 0.01, exit_acc=0.5)} for i, g in enumerate(grpo[:4])}
     write_grid(tmp_path / "add", add)
@@ -67,13 +67,15 @@ def test_primary_test_and_its_verdict(tmp_path, capsys, diffs, verdict):
     assert got["mean"] == pytest.approx(d.mean()) and got["t"] == pytest.approx(t)
     assert got["hi"] - got["mean"] == pytest.approx(2.571 * d.std(ddof=1) / math.sqrt(n))  # t_0.975 with 5 df
     assert got["paper_effect"] == pytest.approx(100 * (64.75 / 55.08 - 1) * np.mean(grpo))
-    assert f"**{verdict}**" in text and "203 (31.0%)" in text
+    assert f"**{verdict}**" in text and "206 (31.0%)" in text
     assert data["chain"]["seeds"] == [str(s) for s in range(200, 206)]
 
 
 def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsys):
     grids(tmp_path, [0.01] * 6)
+    (tmp_path / "chain" / "gradients.md").write_text("| the chain's diagnostics |\n")
     data, text = run(tmp_path, capsys)
+    assert "| the chain's diagnostics |" in text
     assert math.isnan(data["chain"]["primary"]["p"])  # every difference equal: t undefined, no verdict of an effect
     assert data["chain"]["primary"]["verdict"] == "no effect shown"
     assert data["addition"]["arms"]["grpo_ce_exits"]["avgk"]["mean"] == pytest.approx(-1.0)
@@ -100,3 +102,22 @@ def test_refusals_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         lens_test.main([f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'x.md'}"])
     assert e.value.code == 2 and "--skip_missed" in capsys.readouterr().err
+
+
+def test_a_grid_collected_in_two_parts_reads_as_one(tmp_path, capsys):
+    grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
+    whole, _ = run(tmp_path, capsys)
+    saved = json.load(open(tmp_path / "chain" / "summary.json"))
+    seeds = sorted(saved["per_seed"])
+    for name, part, missed in (("p1", seeds[:2], saved["missed"]), ("p2", seeds[2:], {})):
+        write_grid(tmp_path / name, {s: saved["per_seed"][s] for s in part}, missed=missed, task="chain", digits=3,
+                   seeds=",".join(part))
+    out = [f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'parts.md'}"]
+    lens_test.main([f"--chain={tmp_path / 'p1'},{tmp_path / 'p2'}", *out])
+    parts = json.load(open(tmp_path / "parts.json"))
+    assert parts["chain"] == whole["chain"]  # the same seeds, misses, tests
+    for bad in ("p1,p1", "p1,add"):  # a seed twice; another setting
+        with pytest.raises(SystemExit) as e:
+            lens_test.main([f"--chain={','.join(str(tmp_path / b) for b in bad.split(','))}", *out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
