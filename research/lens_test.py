@@ -122,7 +122,8 @@ def step_lines(per_seed, arms):
 
 
 def strength_lines(strength_dir, add_per_seed):
-    """Each strength grid's one arm against grpo of the addition grid on the same seeds (the same warm-ups):
+    """Each strength grid's one arm against grpo of the addition grid on the same seeds (the same warm-ups,
+    checked: the warm-up start's measures must be identical):
     per-seed differences and their mean, exploratory (3 seeds: no test)."""
     lines = ["| grid | arm | lambda | seeds | Avg@K - grpo, per seed (mean) | greedy - grpo (mean) | aligned exit - grpo's (mean) |",
              "|---|---|---|---|---|---|---|"]
@@ -134,6 +135,9 @@ def strength_lines(strength_dir, add_per_seed):
         if not set(per_seed) <= set(add_per_seed):
             refuse(f"{grid}: seeds {sorted(set(per_seed) - set(add_per_seed))} are not in the addition grid")
         seeds, L = sorted(per_seed, key=int), c["n_layer"]
+        for s in seeds:  # paired only from one warm-up: a warm-up made on another machine rounds differently
+            if per_seed[s]["warm-up start"] != add_per_seed[s]["warm-up start"]:
+                refuse(f"{grid}: seed {s}'s warm-up start differs from the addition grid's; run both on one machine")
         (l,) = layer_list(arm_config(ExpConfig(**c), arm))
         diff = {name: [100 * (per_seed[s][arm][key] - add_per_seed[s]["grpo"][key]) for s in seeds]
                 for name, key in (("avgk", "avgk"), ("greedy", f"acc_L{L}"), ("exit", f"acc_L{l}"))}

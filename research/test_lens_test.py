@@ -90,6 +90,14 @@ def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsy
 
 def test_refusals_are_one_line(tmp_path, capsys):
     grids(tmp_path, [0.01, 0.02, 0.0, 0.03, -0.01, 0.02])
+    other = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))["per_seed"]
+    other["301"]["warm-up start"] = measures(0.32)  # another machine's warm-up of seed 301
+    write_grid(tmp_path / "strength" / "other", other, arms="logit_only", exit_norm="ln_f")
+    with pytest.raises(SystemExit) as e:
+        lens_test.main([f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}",
+                        f"--strength={tmp_path / 'strength'}", f"--out={tmp_path / 'x.md'}"])
+    assert e.value.code == 2 and "seed 301's warm-up start differs" in capsys.readouterr().err
+    (tmp_path / "strength" / "other" / "summary.json").unlink()
     write_grid(tmp_path / "strength" / "bad", {"399": {"warm-up start": measures(0.3), "attn_only": measures(0.4)}},
                arms="attn_only")
     for args in ([f"--chain={tmp_path / 'none'}", f"--addition={tmp_path / 'add'}"],
