@@ -913,9 +913,18 @@ def speculative_table(results):
 # -----------------------------------------------------------------------------
 # RESULTS.md
 
-def headline_rows(c, summary, seeds):
-    """A grid's config, summary and seeds -> (its setting in words, its rows of the headline table). The
-    seeds are named, so that two grids of one setting (earlier seeds, fresh seeds) are told apart."""
+def headline_rows(c, summary, per_seed):
+    """A grid's config, summary and per-seed measures -> (its setting in words, its rows of the headline
+    table). The seeds are named, so that two grids of one setting (earlier seeds, fresh seeds) are told
+    apart; beside each paired interval, the exact Wilcoxon signed-rank p of the same differences."""
+    seeds = list(per_seed)
+
+    def wilcoxon(arm, key):
+        if arm == "grpo" or len(seeds) < 2:
+            return ""
+        diff = np.round([100 * (per_seed[s][arm][key] - per_seed[s]["grpo"][key]) for s in seeds], 6)
+        return f"{wilcoxon_pvalue(diff):.3f}"
+
     setting = (f"{c['task']}, {c['terms'] if c['task'] == 'chain' else 2} terms of {c['digits']} digits, "
                f"{c['n_layer']} layers")
     rows = []
@@ -928,7 +937,8 @@ def headline_rows(c, summary, seeds):
                  if "avgk_paper_effect" in s and not math.isnan(s["avgk_seeds_needed"]) else
                  (f"+{pct(s['avgk_paper_effect'])} (>1000)" if "avgk_paper_effect" in s else ""))
         rows.append(f"| {setting} | {s['n']:.0f} ({','.join(seeds)}) | {arm} | {pct(s['final_mean'])} | {diff_cell(s, 'final')} | "
-                    f"{pct(s['avgk_mean'])} | {diff_cell(s, 'avgk')} | {paper} | {probe} |")
+                    f"{wilcoxon(arm, 'acc_L' + str(c['n_layer']))} | {pct(s['avgk_mean'])} | {diff_cell(s, 'avgk')} | "
+                    f"{wilcoxon(arm, 'avgk')} | {paper} | {probe} |")
     return setting, rows
 
 
@@ -940,16 +950,17 @@ def write_report(cfg):
              "summary.json, summary.md, speculative.md and step_test.md files; every table below is a command's own output.", "",
              "## Headline: every setting, each arm against GRPO on the same seeds", "",
              "Differences in points (final layer), mean over seeds [95% t-interval] (minimum detectable effect at 80% "
-             "power); `paper-size` is the paper's relative gain (+17.6%) applied to GRPO's Avg@K here, and the seeds "
-             "an effect that size would need at the observed spread.", "",
-             "| setting | seeds | arm | greedy | vs grpo | Avg@K | vs grpo | paper-size (seeds needed) | probed exit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "power); `W p`: the two-sided exact Wilcoxon signed-rank p of the same paired differences; `paper-size` "
+             "is the paper's relative gain (+17.6%) applied to GRPO's Avg@K here, and the seeds an effect that size "
+             "would need at the observed spread.", "",
+             "| setting | seeds | arm | greedy | vs grpo | W p | Avg@K | vs grpo | W p | paper-size (seeds needed) | probed exit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     sections = []
     for path in cfg.report.split(","):
         try:
             with open(os.path.join(path, "summary.json")) as f:
                 saved = json.load(f)
-            setting, rows = headline_rows(saved["config"], saved["summary"], list(saved["per_seed"]))
+            setting, rows = headline_rows(saved["config"], saved["summary"], saved["per_seed"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # corrupt or not a summary: one line
             refuse(f"--report: cannot read {os.path.join(path, 'summary.json')} ({type(e).__name__}); run its grid again")
         lines += rows

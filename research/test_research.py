@@ -575,3 +575,20 @@ def test_research_imports_the_core_one_way_and_help_lists_its_flags(capsys):
     for f in dataclasses.fields(experiments.ExpConfig):
         assert any(line.strip().startswith(f"--{f.name} ") for line in out.splitlines()), f.name
     assert groups[0] == "run" and groups[-1] == "experiments"
+
+
+def test_report_headline_gives_the_wilcoxon_p_of_the_paired_differences(tmp_path, capsys):
+    """--report's headline: beside each paired interval, the exact Wilcoxon p of the same per-seed
+    differences (here 4 seeds all above grpo: p = 2/16 two-sided, the smallest 4 pairs allow)."""
+    cfg = dataclasses.asdict(experiments.ExpConfig())
+    per_seed = {str(s): {"grpo": {"acc_L4": 0.5, "avgk": 0.4}, "oisd": {"acc_L4": 0.5 + 0.01 * (s + 1), "avgk": 0.4}}
+                for s in range(4)}
+    summary = experiments.summarize(per_seed, 4)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "summary.json").write_text(json.dumps({"config": cfg, "per_seed": per_seed, "summary": summary}))
+    (tmp_path / "g" / "summary.md").write_text("tables\n")
+    experiments.main([f"--report={tmp_path / 'g'}", f"--out_dir={tmp_path}"])
+    capsys.readouterr()
+    (row,) = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if "| oisd |" in line]
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[6] == "0.125" and cells[9] == "1.000", row  # greedy: 4 of 4 above; Avg@K: no difference
