@@ -152,12 +152,14 @@ def strength_lines(strength_dir, add_per_seed):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chain", required=True, help="the chain grid's out_dir (the primary test); dir1,dir2 for parts")
-    p.add_argument("--addition", required=True, help="the addition grid's out_dir; dir1,dir2 for parts")
+    p.add_argument("--addition", default="", help="the addition grid's out_dir; dir1,dir2 for parts (optional)")
     p.add_argument("--strength", default="", help="the folder holding the strength grids (optional)")
     p.add_argument("--out", required=True, help="the markdown report to write")
     a = p.parse_args(argv)
     report, data = ["# The lens test", ""], {}
-    for name, path in (("chain", a.chain), ("addition", a.addition)):
+    if a.strength and not a.addition:
+        refuse("--strength needs --addition: its grids are paired with the addition grid's grpo")
+    for name, path in (("chain", a.chain), ("addition", a.addition)) if a.addition else (("chain", a.chain),):
         per_seed, missed, c = read_grid(path)
         arms = [r for r in next(iter(per_seed.values())) if r not in ("warm-up start", "grpo")]
         seeds = sorted(per_seed, key=int)

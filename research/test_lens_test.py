@@ -106,6 +106,11 @@ def test_refusals_are_one_line(tmp_path, capsys):
             lens_test.main(args + [f"--out={tmp_path / 'x.md'}"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:  # the strength grids pair with the addition grid
+        lens_test.main([f"--chain={tmp_path / 'chain'}", f"--strength={tmp_path / 'strength'}", f"--out={tmp_path / 'x.md'}"])
+    assert e.value.code == 2 and "--strength needs --addition" in capsys.readouterr().err
+    lens_test.main([f"--chain={tmp_path / 'chain'}", f"--out={tmp_path / 'chain_only.md'}"])  # the chain alone
+    assert "addition" not in json.load(open(tmp_path / "chain_only.json")) and "Primary" in capsys.readouterr().out
     write_grid(tmp_path / "chain", json.load(open(tmp_path / "chain" / "summary.json"))["per_seed"], skip_missed=False)
     with pytest.raises(SystemExit) as e:
         lens_test.main([f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'x.md'}"])
