@@ -7,7 +7,9 @@ the gradient diagnostics (research/gradients.py's gradients.md, where it was run
         --strength=runs/lens_strength --out=runs/lens_test.md
 
 Each grid must have been collected with --skip_missed over all of its seeds (research/experiments.py writes
-summary.json). Writes --out (markdown) and the same numbers as JSON next to it (.json).
+summary.json), in one part or in several (dir1,dir2), or be a folder of its seeds' own summaries
+(seed*/summary.json, as research/assets/lens/ keeps them). Writes --out (markdown) and the same numbers as
+JSON next to it (.json).
 """
 
 import argparse
@@ -27,30 +29,47 @@ from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test  # noqa: E40
 PRIMARY = "oisd_lens"  # the confirmatory comparison: final-layer Avg@K, oisd_lens - grpo, on the chain
 
 
-def read_grid(paths):
-    """'dir' or 'dir1,dir2' (one grid collected in parts, e.g. over two working sessions) -> (per_seed {seed:
-    {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. Each dir/summary.json must be a
-    --skip_missed collection with grpo and the same rows on every seed; the parts must share every setting
-    but the seeds and out_dir, and no seed."""
-    per_seed, missed, config = {}, {}, None
+def grid_parts(paths):
+    """'dir' or 'dir1,dir2' -> the summary.json files of the grid's parts. A dir holding no summary.json but
+    seed*/summary.json (each seed's own, as its process wrote it and research/assets/lens/ keeps it) gives
+    one part per seed."""
+    parts = []
     for path in paths.split(","):
+        if os.path.exists(os.path.join(path, "summary.json")) or not glob.glob(os.path.join(path, "seed*", "summary.json")):
+            parts.append(os.path.join(path, "summary.json"))
+        else:
+            parts += sorted(glob.glob(os.path.join(path, "seed*", "summary.json")),
+                            key=lambda p: int(os.path.basename(os.path.dirname(p))[4:]))
+    return parts
+
+
+def read_grid(paths):
+    """'dir' or 'dir1,dir2' (one grid collected in parts, e.g. over two working sessions; see grid_parts) ->
+    (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. Each part must
+    be a --skip_missed collection with grpo and the same rows on every seed (a part may hold only missed
+    seeds); the parts must share every setting but the seeds and out_dir, and no seed."""
+    per_seed, missed, config, rows = {}, {}, None, None
+    for summary in grid_parts(paths):
+        path = os.path.dirname(summary)
         try:
-            with open(os.path.join(path, "summary.json")) as f:
+            with open(summary) as f:
                 saved = json.load(f)
             part, part_missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
-            rows = list(next(iter(part.values()))) if part else []
+            part_rows = [list(r) for r in part.values()]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
-        if not c.get("skip_missed") or any(list(r) != rows for r in part.values()) or not part:
+        if not c.get("skip_missed") or not (part or part_missed) or any(r != (rows or part_rows[0]) for r in part_rows):
             refuse(f"{path}: collect it with --skip_missed, every seed with the same arms")
         settings = {k: v for k, v in c.items() if k not in ("seeds", "out_dir")}
-        if config is not None and (settings != config or rows != list(next(iter(per_seed.values())))):
+        if config is not None and settings != config:
             refuse(f"{path}: its settings or arms differ from {paths.split(',')[0]}'s")
         if (set(part) | set(part_missed)) & (set(per_seed) | set(missed)):
             refuse(f"{path}: a seed of it is already in an earlier part")
         per_seed.update(part)
         missed.update(part_missed)
-        config = settings
+        config, rows = settings, rows or (part_rows[0] if part_rows else None)
+    if not per_seed:
+        refuse(f"{paths}: no seed of this grid reached RL: nothing to test")
     return per_seed, missed, dict(config, seeds=",".join(sorted([*per_seed, *missed], key=int)))
 
 
@@ -128,8 +147,7 @@ def strength_lines(strength_dir, add_per_seed):
     lines = ["| grid | arm | lambda | seeds | Avg@K - grpo, per seed (mean) | greedy - grpo (mean) | aligned exit - grpo's (mean) |",
              "|---|---|---|---|---|---|---|"]
     out = {}
-    for path in sorted(glob.glob(os.path.join(strength_dir, "*", "summary.json"))):
-        grid = os.path.dirname(path)
+    for grid in sorted(d for d in glob.glob(os.path.join(strength_dir, "*")) if os.path.exists(grid_parts(d)[0])):
         per_seed, _, c = read_grid(grid)
         (arm,) = [r for r in next(iter(per_seed.values())) if r != "warm-up start"]
         if not set(per_seed) <= set(add_per_seed):

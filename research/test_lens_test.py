@@ -134,3 +134,25 @@ def test_a_grid_collected_in_two_parts_reads_as_one(tmp_path, capsys):
             lens_test.main([f"--chain={','.join(str(tmp_path / b) for b in bad.split(','))}", *out])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
+
+
+def test_a_folder_of_each_seeds_own_summary_reads_as_the_grid(tmp_path, capsys):
+    """What each seed's process writes (a summary of that seed alone; a missed warm-up's holds only the miss)
+    and research/assets/lens/ keeps as seed<S>/summary.json reads as the grid collected in one piece."""
+    grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
+    whole, _ = run(tmp_path, capsys)
+    saved = json.load(open(tmp_path / "chain" / "summary.json"))
+    for s in [*saved["per_seed"], *saved["missed"]]:
+        write_grid(tmp_path / "seeds" / f"seed{s}", {s: saved["per_seed"][s]} if s in saved["per_seed"] else {},
+                   missed={s: saved["missed"][s]} if s in saved["missed"] else {}, task="chain", digits=3, seeds=s)
+    (tmp_path / "seeds" / "gradients.md").write_text("| the diagnostics of every seed |\n")
+    out = [f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'seeds.md'}"]
+    lens_test.main([f"--chain={tmp_path / 'seeds'}", *out])
+    assert json.load(open(tmp_path / "seeds.json"))["chain"] == whole["chain"]
+    assert "| the diagnostics of every seed |" in (tmp_path / "seeds.md").read_text()
+    only_missed = tmp_path / "missed_only" / "seed206"
+    write_grid(only_missed, {}, missed={"206": 0.31}, task="chain", digits=3, seeds="206")
+    with pytest.raises(SystemExit) as e:
+        lens_test.main([f"--chain={only_missed.parent}", *out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no seed of this grid reached RL" in err and err.count("\n") == 1, err
