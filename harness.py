@@ -119,7 +119,7 @@ RANGES = dict(seed=(0, 2**31 - 1), digits=(1, 9), terms=(2, 10), block_size=(2, 
               eval_size=(1, 500), log_every=(1, 10**7), ckpt_every=(1, 10**7))
 CHOICES = dict(device=("auto", "cpu", "cuda", "mps"), precision=("auto", "fp32", "bf16"), exit_norm=("own", "ln_f", "ln_f_frozen"),
                task=("add", "chain"), loss_reduction=("token", "sequence"),
-               adv_weighting=("signed", "positive", "abs", "none"))
+               adv_weighting=("signed", "positive", "none"))
 MAX_GIB = 32  # a run whose rough memory estimate (estimated_gib) is larger is refused before it starts
 
 

@@ -72,7 +72,7 @@ class Config(RunConfig):  # the run's own fields (out_dir, seed, device, arms, r
     align_layers: str = "2"          # intermediate layer(s) taught by the final layer, comma-separated, 1..n_layer-1
     lambda_logit: float = 1.0        # weight of the logit alignment term
     lambda_attn: float = 0.1         # weight of the attention alignment term
-    adv_weighting: str = "signed"    # signed: A | positive: max(A, 0) | abs: |A| | none: 1
+    adv_weighting: str = "signed"    # signed: A | positive: max(A, 0) | none: 1
     lambda_exit_ce: float = 0.0      # a control: cross-entropy on worked solutions for the aligned exits
     # evaluation and logging
     eval_every: int = 50             # RL steps between held-out evaluations
@@ -85,7 +85,6 @@ ARMS = {  # each arm is the config with these fields replaced
     "grpo": dict(lambda_logit=0.0, lambda_attn=0.0),
     "oisd": dict(adv_weighting="signed"),
     "oisd_pos": dict(adv_weighting="positive"),
-    "oisd_abs": dict(adv_weighting="abs"),
     "oisd_none": dict(adv_weighting="none"),
     "logit_only": dict(adv_weighting="signed", lambda_attn=0.0),
     "attn_only": dict(adv_weighting="signed", lambda_logit=0.0),
@@ -146,14 +145,14 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
 def alignment_weights(advantages, mode):
     """(N,) advantages -> (N,) per-rollout weights of the OISD terms.
     signed: A (the paper's wording: pull toward the teacher on good rollouts, push away on bad ones);
-    positive: max(A, 0); abs: |A|; none: 1 (plain on-policy distillation)."""
+    positive: max(A, 0); none: 1 (plain on-policy distillation)."""
     if mode == "signed":
         return advantages
     if mode == "positive":
         return advantages.clamp_min(0)
-    if mode == "abs":
-        return advantages.abs()
-    return torch.ones_like(advantages)
+    if mode == "none":
+        return torch.ones_like(advantages)
+    raise ValueError(f"unknown weighting {mode!r}: signed, positive or none")
 
 
 def js_divergence(logp, logq, dim=-1):

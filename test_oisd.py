@@ -126,8 +126,9 @@ def test_alignment_weights():
     a = torch.tensor([-1.5, 0.0, 2.0])
     assert torch.equal(alignment_weights(a, "signed"), a)
     assert torch.equal(alignment_weights(a, "positive"), torch.tensor([0.0, 0.0, 2.0]))
-    assert torch.equal(alignment_weights(a, "abs"), torch.tensor([1.5, 0.0, 2.0]))
     assert torch.equal(alignment_weights(a, "none"), torch.ones(3))
+    with pytest.raises(ValueError, match="unknown weighting 'abs'"):  # a mode it does not know is no silent 1
+        alignment_weights(a, "abs")
 
 
 def test_response_mask_includes_first_eos_and_nothing_after():

@@ -92,7 +92,7 @@ class OISDConfig(GRPOConfig):
     align_layers: str = field(default="2", metadata={"help": "aligned layer(s), 1-based, comma-separated, 1..L-1"})
     lambda_logit: float = field(default=1.0, metadata={"help": "weight of the logit alignment term"})
     lambda_attn: float = field(default=0.1, metadata={"help": "weight of the attention alignment term"})
-    adv_weighting: str = field(default="signed", metadata={"help": "signed | positive | abs | none"})
+    adv_weighting: str = field(default="signed", metadata={"help": "signed | positive | none"})
     exit_norm: str = field(default="own", metadata={"help": "own: a norm per exit | ln_f: the logit lens"})
     align_reduction: str = field(default="token", metadata={"help": "token | sequence (oisd.masked_mean)"})
     exit_chunk: int = field(default=256, metadata={"help": "response positions per exit-logit chunk; 0: all at once"})
@@ -433,7 +433,7 @@ def check_supported(model, args, peft_config=None):
         raise OISDError(f"align_layers expects comma-separated integers, got {args.align_layers!r}") from None
     if len(set(layers)) != len(layers) or not all(1 <= layer < L for layer in layers):
         raise OISDError(f"align_layers={args.align_layers!r}: need distinct layers in 1..{L - 1} (this model has {L})")
-    for name, allowed in (("adv_weighting", ("signed", "positive", "abs", "none")), ("exit_norm", ("own", "ln_f")),
+    for name, allowed in (("adv_weighting", ("signed", "positive", "none")), ("exit_norm", ("own", "ln_f")),
                           ("align_reduction", ("token", "sequence"))):
         if getattr(args, name) not in allowed:
             raise OISDError(f"{name} must be one of {', '.join(allowed)}; got {getattr(args, name)!r}")
