@@ -225,7 +225,9 @@ class GPT(nn.Module):
         Returns tokens (B*num_samples, P+R) and the log-probabilities at the sampling temperature
         (at 1 when greedy) of the R sampled tokens (B*num_samples, R); sample j of prompt b is row
         b*num_samples+j.
-        A row that has emitted eos_id keeps emitting it; R < max_new_tokens once every row is done.
+        A row that has emitted eos_id keeps emitting it, with the log-probability the model gives eos_id
+        there; the loop stops early (R < max_new_tokens) once every row has emitted it. generator: the
+        torch.Generator of the draws (torch.multinomial's), so a seed gives the same samples.
         """
         n_layer = exit_layer or self.config.n_layer
         cache = KVCache()

@@ -122,7 +122,8 @@ METHOD = dict(presets=PRESETS, arms=ARMS, no_layers=NO_LAYERS, arm_config=arm_co
 def masked_mean(values, mask, reduction="token"):
     """values, mask: (N, R). 'token': sum over every unmasked position / their count (long answers weigh
     more); 'sequence': mean over each row's unmasked positions, then over rows. Masked positions are
-    selected out (torch.where), so an inf or NaN there cannot leak in. Returns a scalar."""
+    selected out (torch.where), so an inf or NaN there cannot leak in. A row with no unmasked position
+    counts one position in the denominator, so an empty mask gives 0, not NaN. Returns a scalar."""
     values = torch.where(mask > 0, values, 0.0)
     if reduction == "token":
         return values.sum() / mask.sum().clamp_min(1)
@@ -199,7 +200,8 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_
     the first of num_iterations updates and the clip acts only on later ones; with num_iterations = 1 the
     gradient is the plain policy gradient of -A * logp, though the value is -A); advantages: (N,), one
     per rollout, shared by its tokens; mask: (N, R) response mask.
-    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, where
+    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, with ratio = exp(logp - old_logp),
+    the k3 term only when ref_logp is given and kl_beta > 0, and
     k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled from the
     current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be
     improbable enough to overflow) and the k3 log-ratio is clamped to [-20, 20]. Reduced by
@@ -228,7 +230,8 @@ def logit_alignment_loss(student_logits, teacher_logits, weights, mask, reductio
 def attention_alignment_loss(student_attn, teacher_attn, weights, mask, reduction="token"):
     """OISD attention term. student_attn, teacher_attn: (N, nh, R, K) attention probabilities of the aligned
     layer and the final layer (teacher detached here) at the R positions that predict response tokens, over
-    K keys; head h is matched to head h. Per position: weight * JSD over keys, averaged over heads; masked_mean."""
+    K keys; head h is matched to head h. The causal mask makes the later keys exactly 0 in both (read them
+    through safe_log). Per position: weight * JSD over keys, averaged over heads; masked_mean."""
     jsd = js_divergence(safe_log(student_attn), safe_log(teacher_attn.detach())).mean(dim=1)  # (N, R)
     return masked_mean(weights.unsqueeze(1) * jsd, mask, reduction)
 

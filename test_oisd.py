@@ -30,6 +30,46 @@ from oisd import (Config, alignment_weights, attention_alignment_loss, group_adv
 from tasks import EOS, get_tokenizer, heldout_keys, heldout_split, make_task, sample_problems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+              torch.float64: (1e-7, 1e-7)}  # torch.testing.assert_close's defaults (rtol, atol); exact otherwise
+
+
+def assert_close(actual, expected, what, rtol=None, atol=None):
+    """Assert |actual - expected| <= atol + rtol * |expected| everywhere (rtol = atol = 0: exactly equal;
+    by default torch.testing's tolerances of the dtype), and equal dtypes when both are tensors. On failure
+    the message names the quantity, the shapes, how many entries differ, the first differing index and
+    both values there. NaN equals nothing, and an infinite expected value is matched only exactly (no
+    tolerance reaches it); numbers and arrays are compared in float64."""
+    if isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor) and actual.dtype != expected.dtype:
+        raise AssertionError(f"{what}: expected dtype {expected.dtype}, got {actual.dtype}")
+    a, e = (x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float64))
+            for x in (actual, expected))
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: expected shape {tuple(e.shape)}, got shape {tuple(a.shape)}")
+    defaults = [max(pair) for pair in zip(TOLERANCES.get(a.dtype, (0.0, 0.0)), TOLERANCES.get(e.dtype, (0.0, 0.0)))]
+    rtol, atol = defaults[0] if rtol is None else rtol, defaults[1] if atol is None else atol
+    a, e = a.double(), e.double()
+    bad = ~((a == e) | (torch.isfinite(e) & ((a - e).abs() <= atol + rtol * e.abs())))
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        where = f"{int(bad.sum())} of {bad.numel()} entries differ (shape {tuple(a.shape)}); first at index {i}: "
+        where = where if i else ""  # a scalar
+        tolerance = "exactly" if rtol == atol == 0 else f"tolerance {atol:g} + {rtol:g} * |expected|"
+        raise AssertionError(f"{what}: {where}expected {e[i].item():.6g}, got {a[i].item():.6g} ({tolerance})")
+
+
+def assert_finite(actual, what):
+    """Assert every entry is finite; the message names the quantity, the first bad index and its value."""
+    bad = ~torch.isfinite(actual.detach())
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} entries are not finite (shape "
+                             f"{tuple(actual.shape)}); first at index {i}: {actual[i].item()}")
+
+
+def largest(grad):
+    """The largest |entry| of a gradient, 0.0 for a parameter that got none (None)."""
+    return 0.0 if grad is None else grad.abs().max().item()
 
 
 def parse_args(argv):
@@ -67,31 +107,36 @@ def test_js_divergence_matches_numpy_with_zero_entries():
     with np.errstate(divide="ignore"):
         logp, logq = torch.tensor(np.log(p)), torch.tensor(np.log(q))  # -inf where zero
     got = js_divergence(logp, logq)
-    assert torch.isfinite(got).all()
-    np.testing.assert_allclose(got.numpy(), numpy_jsd(p, q), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(js_divergence(logq, logp).numpy(), got.numpy(), atol=1e-12)  # symmetric
+    what = "JSD of 6 pairs of rows over 5 entries, some of probability 0 (log = -inf)"
+    assert_finite(got, what)
+    assert_close(got, numpy_jsd(p, q), f"{what}, against numpy", rtol=1e-9, atol=1e-12)
+    assert_close(js_divergence(logq, logp), got, f"{what}, arguments swapped (JSD is symmetric)", rtol=1e-7, atol=1e-12)
 
 
 def test_js_divergence_bounds_and_gradient():
     logp = F.log_softmax(torch.randn(4, 7), -1)
-    assert js_divergence(logp, logp).abs().max() < 1e-6
+    assert_close(js_divergence(logp, logp), torch.zeros(4), "JSD of 4 distributions with themselves", rtol=0, atol=1e-6)
     disjoint_p = torch.tensor([[0.0, float("-inf")]])
     disjoint_q = torch.tensor([[float("-inf"), 0.0]])
-    assert math.isclose(js_divergence(disjoint_p, disjoint_q).item(), math.log(2), rel_tol=1e-6)
-    assert (js_divergence(F.log_softmax(5 * torch.randn(100, 7), -1), logp.repeat(25, 1)) <= math.log(2) + 1e-6).all()
+    assert_close(js_divergence(disjoint_p, disjoint_q), [math.log(2)],
+                 "JSD of [1, 0] and [0, 1] (disjoint supports: ln 2)", rtol=1e-6, atol=0)
+    far = js_divergence(F.log_softmax(5 * torch.randn(100, 7), -1), logp.repeat(25, 1))
+    assert (far <= math.log(2) + 1e-6).all(), (f"JSD of 100 pairs of distributions: expected at most ln 2 = 0.693147 "
+                                               f"each, got {far.max().item():.6g} at index {far.argmax().item()}")
     x = torch.randn(3, 5, requires_grad=True)
     masked = x.masked_fill(torch.tensor([False, False, True, True, False]), float("-inf"))
     js_divergence(F.log_softmax(masked, -1), F.log_softmax(torch.randn(3, 5).masked_fill(
         torch.tensor([False, True, True, False, False]), float("-inf")), -1)).sum().backward()
-    assert torch.isfinite(x.grad).all()
+    assert_finite(x.grad, "gradient of the JSD of distributions with masked (-inf) entries, w.r.t. the logits")
 
 
 def test_safe_log_gradient_is_finite_at_zero():
     p = torch.tensor([0.0, 0.25, 0.75], requires_grad=True)
     out = safe_log(p)
-    assert out[0] == float("-inf")
+    assert_close(out, [float("-inf"), math.log(0.25), math.log(0.75)], "safe_log([0, 0.25, 0.75])")
     js_divergence(out, torch.tensor([0.5, 0.25, 0.25]).log()).backward()
-    assert torch.isfinite(p.grad).all()
+    assert_finite(p.grad, "gradient of JSD(safe_log([0, 0.25, 0.75]), log [0.5, 0.25, 0.25]) w.r.t. the probabilities")
+    assert_close(p.grad[0], 0.0, "that gradient at the probability 0 (safe_log's is zero there)", rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- advantages and GRPO
@@ -99,16 +144,20 @@ def test_safe_log_gradient_is_finite_at_zero():
 def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
     adv = group_advantages(r, 4)
-    assert torch.equal(adv[4:8], torch.zeros(4))  # all-equal group: exactly zero, no NaN
-    assert torch.isfinite(adv).all()
+    what = "advantages of rewards [1, 0, 0, 1 | 1, 1, 1, 1 | 1, 0, 0, 0], groups of 4"
+    assert_close(adv[4:8], torch.zeros(4), f"{what}: the all-equal group 2 (exactly zero, no NaN)", rtol=0, atol=0)
+    assert_finite(adv, what)
     groups = r.numpy().reshape(-1, 4)
     expect = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)
     expect[1] = 0.0
-    np.testing.assert_allclose(adv.numpy(), expect.reshape(-1), rtol=1e-6)
-    assert adv.view(-1, 4).sum(1).abs().max() < 1e-5  # zero mean per group
+    assert_close(adv, expect.reshape(-1), f"{what} (sample std, ddof=1, eps 1e-4), against numpy", rtol=1e-6, atol=0)
+    assert_close(adv.view(-1, 4).sum(1), torch.zeros(3), f"{what}: their sum in each group", rtol=0, atol=1e-5)
     unscaled = group_advantages(r, 4, scale=False)
-    np.testing.assert_allclose(unscaled.numpy(), (groups - groups.mean(1, keepdims=True)).reshape(-1), atol=1e-7)
-    assert torch.equal(group_advantages(torch.full((8,), 0.3), 4, scale=True), torch.zeros(8))
+    assert_close(unscaled, (groups - groups.mean(1, keepdims=True)).reshape(-1), f"{what}, scale=False (centred only)",
+                 rtol=1e-7, atol=1e-7)
+    for n, size in [(8, 4), (16, 8)]:  # 0.3 - mean(0.3, ...) is not exactly 0 in float32 for every group size
+        assert_close(group_advantages(torch.full((n,), 0.3), size, scale=True), torch.zeros(n),
+                     f"advantages of {n // size} all-equal groups of {size} rewards 0.3 (exactly zero)", rtol=0, atol=0)
 
 
 def test_signed_weights_cancel_within_each_group():
@@ -117,9 +166,12 @@ def test_signed_weights_cancel_within_each_group():
     adv = group_advantages(rewards, 8)
     signed = alignment_weights(adv, "signed").view(8, 8).sum(1)
     positive = alignment_weights(adv, "positive").view(8, 8).sum(1)
-    assert signed.abs().max() < 1e-5
+    assert_close(signed, torch.zeros(8), "sum of the signed weights in each of 8 groups of 8", rtol=0, atol=1e-5)
     informative = rewards.view(8, 8).std(1) > 0
-    assert (positive[informative] > 0.5).all() and (positive[~informative] == 0).all()
+    assert (positive[informative] > 0.5).all(), ("sum of the positive weights in each group with mixed rewards: "
+                                                 f"expected > 0.5, got {positive[informative].tolist()}")
+    assert (positive[~informative] == 0).all(), ("sum of the positive weights in each all-equal group: expected 0, "
+                                                 f"got {positive[~informative].tolist()}")
 
 
 def test_alignment_weights():
@@ -135,14 +187,26 @@ def test_response_mask_includes_first_eos_and_nothing_after():
     eos = 13
     completion = torch.tensor([[1, 2, eos, eos, eos], [3, eos, 4, eos, eos], [1, 2, 3, 4, 5], [eos, eos, eos, eos, eos]])
     expect = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
-    assert torch.equal(response_mask(completion, eos), expect)
+    assert_close(response_mask(completion, eos), expect, f"response mask of completions {completion.tolist()} with "
+                 f"EOS {eos} (1 up to and including the first EOS)", rtol=0, atol=0)
 
 
 def test_masked_mean_reductions():
     v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert masked_mean(v, m, "token").item() == pytest.approx((1 + 2 + 4) / 3)
-    assert masked_mean(v, m, "sequence").item() == pytest.approx((1.5 + 4) / 2)
+    what = "masked_mean of [[1, 2, 3], [4, 5, 6]] under the mask [[1, 1, 0], [1, 0, 0]]"
+    assert_close(masked_mean(v, m, "token"), (1 + 2 + 4) / 3, f"{what}, 'token'", rtol=1e-6, atol=0)
+    assert_close(masked_mean(v, m, "sequence"), (1.5 + 4) / 2, f"{what}, 'sequence'", rtol=1e-6, atol=0)
+    # an inf and a NaN at masked positions are selected out: they change neither the value nor the gradient
+    bad = v.clone().index_put_((torch.tensor([0, 1]), torch.tensor([2, 1])), torch.tensor([float("inf"), float("nan")]))
+    for reduction, value, grad in [("token", (1 + 2 + 4) / 3, m / 3),
+                                   ("sequence", (1.5 + 4) / 2, torch.tensor([[0.25, 0.25, 0.0], [0.5, 0.0, 0.0]]))]:
+        bad.requires_grad_(True).grad = None
+        out = masked_mean(bad, m, reduction)
+        out.backward()
+        assert_close(out, value, f"{what}, '{reduction}', with inf and NaN at masked positions",
+                     rtol=1e-6, atol=0)
+        assert_close(bad.grad, grad, f"gradient of that masked_mean, '{reduction}'")
 
 
 def test_grpo_loss_clipping_and_kl():
@@ -151,33 +215,44 @@ def test_grpo_loss_clipping_and_kl():
     old = torch.zeros(2, 1)
     logp = torch.tensor([[math.log(1.5)], [math.log(0.5)]], requires_grad=True)  # ratios 1.5 and 0.5: both clipped
     loss = grpo_loss(logp, old, adv, mask, clip_eps=0.2)
-    assert loss.item() == pytest.approx(-(1.2 * 1.0 + 0.8 * -1.0) / 2)
+    what = "GRPO loss, advantages [1, -1], ratios [1.5, 0.5] (min picks the clipped side)"
+    assert_close(loss, -(1.2 * 1.0 + 0.8 * -1.0) / 2, what, rtol=1e-6, atol=0)
     loss.backward()
-    assert torch.equal(logp.grad, torch.zeros(2, 1))  # outside the trust region: no gradient
+    assert_close(logp.grad, torch.zeros(2, 1), f"gradient of the {what}: none outside the trust region", rtol=0, atol=0)
+    # the other side of the min: ratios [0.5, 1.5], unclipped, with their full gradient -ratio * A / 2
+    logp = torch.tensor([[math.log(0.5)], [math.log(1.5)]], requires_grad=True)
+    loss = grpo_loss(logp, old, adv, mask, clip_eps=0.2)
+    what = "GRPO loss, advantages [1, -1], ratios [0.5, 1.5] (min picks the unclipped side)"
+    assert_close(loss, -(0.5 * 1.0 + 1.5 * -1.0) / 2, what, rtol=1e-6, atol=0)
+    loss.backward()
+    assert_close(logp.grad, torch.tensor([[-0.25], [0.75]]), f"gradient of the {what}")
     logp = torch.tensor([[-0.3], [-0.7]])
     ref = torch.tensor([[-0.5], [-0.2]])
     with_kl = grpo_loss(logp, logp, adv, mask, ref_logp=ref, kl_beta=0.1)
     k3 = (torch.exp(ref - logp) - (ref - logp) - 1).mean()
-    assert with_kl.item() == pytest.approx(grpo_loss(logp, logp, adv, mask).item() + 0.1 * k3.item(), rel=1e-5)
+    assert_close(with_kl, grpo_loss(logp, logp, adv, mask) + 0.1 * k3,
+                 "GRPO loss with kl_beta=0.1 (plain loss + 0.1 * mean k3)", rtol=1e-5, atol=0)
 
 
-def test_rl_loss_matches_a_slow_per_prefix_loop():
-    """The vectorised GRPO loss (one forward, masks by position) against a loop that runs the model on
-    every prefix separately and counts only the response tokens up to and including the first EOS."""
+def per_prefix_batch():
+    """A tiny model and 4 rollouts (one truncated, EOS at varied places) with rollout log-probs 0.05 below the
+    model's, so the ratio is not exactly 1: (model, seq, prompt_len, temperature, advantages, old_logp)."""
     model, eos, P, temp = tiny_model(), 13, 4, 0.7
     seq = torch.tensor([[1, 2, 10, 3, 5, eos, eos, eos],   # two rollouts of prompt 1 2 10 3
                         [1, 2, 10, 3, 6, 7, 8, 9],         # truncated: no EOS
                         [0, 9, 10, 9, eos, eos, eos, eos],  # two rollouts of prompt 0 9 10 9
                         [0, 9, 10, 9, 4, 4, eos, eos]])
-    adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
-    cfg = Config(lambda_logit=0.0, lambda_attn=0.0, temperature=temp, n_layer=3, group_size=2)
-    completion = seq[:, P:]
-    mask = response_mask(completion, eos)
     with torch.no_grad():
         logits = model(seq[:, :-1])[0][:, P - 1:]
-    old = token_logprobs(logits, completion, temp) - 0.05  # so the ratio is not exactly 1
-    total, terms = rl_loss(cfg, model, seq, P, old, adv, mask)
+    old = token_logprobs(logits, seq[:, P:], temp) - 0.05
+    return model, seq, P, temp, torch.tensor([0.5, -0.5, 1.0, -1.0]), old
+
+
+def slow_per_prefix_loss(model, seq, P, temp, adv, old, eos=13):
+    """The clipped GRPO loss by a loop that runs the model on every prefix separately and counts only the
+    response tokens up to and including the first EOS."""
     num, den = 0.0, 0
+    completion = seq[:, P:]
     for i in range(seq.size(0)):
         for j in range(completion.size(1)):
             with torch.no_grad():
@@ -188,7 +263,24 @@ def test_rl_loss_matches_a_slow_per_prefix_loop():
             den += 1
             if completion[i, j] == eos:
                 break
-    assert total.item() == pytest.approx(num / den, rel=1e-5)
+    return num / den
+
+
+def test_grpo_loss_matches_a_slow_per_prefix_loop():
+    """response_mask, grpo_loss and masked_mean on one forward of the whole rollouts, against the loop."""
+    model, seq, P, temp, adv, old = per_prefix_batch()
+    logp = token_logprobs(model(seq[:, :-1])[0][:, P - 1:], seq[:, P:], temp)
+    loss = grpo_loss(logp, old, adv, response_mask(seq[:, P:], 13))
+    assert_close(loss, slow_per_prefix_loss(model, seq, P, temp, adv, old),
+                 "GRPO loss of 4 rollouts (EOS at 2, never, 1, 3) against a loop over prefixes", rtol=1e-5, atol=0)
+
+
+def test_rl_loss_matches_a_slow_per_prefix_loop():
+    """The vectorised GRPO loss of rl_loss (the prompt run once per group, masks by position) against the loop."""
+    model, seq, P, temp, adv, old = per_prefix_batch()
+    cfg = Config(lambda_logit=0.0, lambda_attn=0.0, temperature=temp, n_layer=3, group_size=2)
+    total, terms = rl_loss(cfg, model, seq, P, old, adv, response_mask(seq[:, P:], 13))
+    assert total.item() == pytest.approx(slow_per_prefix_loss(model, seq, P, temp, adv, old), rel=1e-5)
     assert set(terms) == {"grpo"}
 
 
@@ -201,9 +293,15 @@ def oisd_batch():
     return seq, 3, torch.tensor([1.0, -1.0, -0.5, 0.5])
 
 
+OISD_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float)  # oisd_batch's
+# response mask, written out: up to and including the first EOS (13)
+
+
 def alignment_grads(model, weights, term):
+    """The gradient of one OISD term, layer 1 the student and layer 3 the teacher (its output not detached
+    here: the term must detach it), on oisd_batch: {parameter name: gradient or None}."""
     seq, P, _ = oisd_batch()
-    mask = response_mask(seq[:, P:], 13)
+    mask = OISD_MASK
     logits, exits, attns = model(seq[:, :-1], exit_layers=(1,), attn_layers=(1, 3))
     if term == "logit":
         loss = logit_alignment_loss(exits[1][:, P - 1:], logits[:, P - 1:], weights, mask)
@@ -219,12 +317,17 @@ def test_teacher_is_detached(term):
     """Aligning layer 1 to layer 3 trains blocks 1 (and the shared embeddings), never blocks 2, 3 or ln_f."""
     grads = alignment_grads(tiny_model(), torch.tensor([1.0, 0.5, 2.0, 0.3]), term)
     for name, g in grads.items():
+        if g is not None:
+            assert_finite(g, f"gradient of the {term} term w.r.t. {name}")
         above = name.startswith(("transformer.h.1.", "transformer.h.2.", "transformer.ln_f"))
         if above:
-            assert g is None or g.abs().max() == 0, name
-    assert grads["transformer.h.0.attn.c_attn.weight"].abs().max() > 0
+            assert largest(g) == 0, (f"gradient of the {term} term w.r.t. {name}, above the student (layer 1): "
+                                     f"expected exactly 0 (the teacher detached), got largest |entry| {largest(g):.3g}")
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert largest(grads[name]) > 0, f"gradient of the {term} term w.r.t. {name} (the student): expected nonzero, got 0"
     if term == "logit":
-        assert grads["exit_ln.0.weight"].abs().max() > 0
+        assert largest(grads["exit_ln.0.weight"]) > 0, ("gradient of the logit term w.r.t. exit_ln.0.weight, the "
+                                                        "student's exit norm: expected nonzero, got 0")
 
 
 def test_where_the_logit_terms_gradient_lands_under_each_exit_norm():
@@ -281,9 +384,11 @@ def test_flipping_advantage_sign_flips_alignment_gradient(term):
     checked = 0
     for name, g in g_pos.items():
         if g is not None:
-            torch.testing.assert_close(g_neg[name], -g)
-            checked += g.abs().max() > 0
-    assert checked > 5
+            what = f"gradient of the {term} term w.r.t. {name} with the weights negated (expected: minus the gradient)"
+            assert g_neg[name] is not None, f"{what}: got none"
+            assert_close(g_neg[name], -g, what)
+            checked += largest(g) > 0
+    assert checked > 5, f"parameters with a nonzero gradient from the {term} term: expected more than 5, got {checked}"
 
 
 def test_zero_lambdas_give_plain_grpo():
@@ -331,24 +436,32 @@ def test_shared_prompt_forward_equals_full_forward():
     model(prompt, cache=cache)
     cache.repeat_interleave(3)
     s_logits, s_exits, s_attns = model(tails, cache=cache, exit_layers=(1,), attn_layers=(1, 3))
-    torch.testing.assert_close(s_logits, logits[:, 4:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s_exits[1], exits[1][:, 4:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s_attns[3], attns[3][:, :, 4:], atol=1e-6, rtol=1e-5)
+    what = "a prompt of 4 run once into the KV cache, then 3 continuations of 5"
+    assert_close(s_logits, logits[:, 4:], f"final logits of {what}, against the full forward", atol=1e-5, rtol=1e-5)
+    assert_close(s_exits[1], exits[1][:, 4:], f"layer-1 exit logits of {what}, against the full forward",
+                 atol=1e-5, rtol=1e-5)
+    assert_close(s_attns[3], attns[3][:, :, 4:], f"layer-3 attention rows of {what}, against the full forward",
+                 atol=1e-6, rtol=1e-5)
     grad_full = torch.autograd.grad(logits[:, 4:].square().sum(), model.transformer.wpe.weight)[0]
     cache = KVCache()
     model(prompt, cache=cache)
     cache.repeat_interleave(3)
     grad_shared = torch.autograd.grad(model(tails, cache=cache)[0].square().sum(), model.transformer.wpe.weight)[0]
-    torch.testing.assert_close(grad_shared, grad_full, atol=1e-5, rtol=1e-4)
+    assert_close(grad_shared, grad_full, f"gradient w.r.t. wpe of {what}, against the full forward",
+                 atol=1e-5, rtol=1e-4)
     # rl_loss runs the rollouts through forward_responses, which is this trick: the full forward's rows at the
     # positions that predict response tokens (the prompt's last position on), for 3 rollouts of one prompt
     cfg = Config(n_layer=3, align_layers="1", group_size=3)
     logits, exits, attns = model(full_in[:, :-1], exit_layers=(1,), attn_layers=(1, 3))
     r_logits, r_exits, r_attns = oisd.forward_responses(cfg, model, full_in, 4)
-    torch.testing.assert_close(r_logits, logits[:, 3:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(r_exits[1], exits[1][:, 3:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(r_attns[1], attns[1][:, :, 3:], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(r_attns[3], attns[3][:, :, 3:], atol=1e-6, rtol=1e-5)
+    what = "forward_responses on 3 rollouts of one prompt (it runs the prompt once, through the KV cache)"
+    assert_close(r_logits, logits[:, 3:], f"final logits of {what}, against the full forward", atol=1e-5, rtol=1e-5)
+    assert_close(r_exits[1], exits[1][:, 3:], f"layer-1 exit logits of {what}, against the full forward",
+                 atol=1e-5, rtol=1e-5)
+    assert_close(r_attns[1], attns[1][:, :, 3:], f"layer-1 attention rows of {what}, against the full forward",
+                 atol=1e-6, rtol=1e-5)
+    assert_close(r_attns[3], attns[3][:, :, 3:], f"layer-3 attention rows of {what}, against the full forward",
+                 atol=1e-6, rtol=1e-5)
 
 
 def test_exit_heads():
@@ -387,8 +500,11 @@ def test_kv_cache_generation_equals_naive_greedy(exit_layer):
     idx = torch.randint(0, 13, (3, 4))
     out, logp = model.generate(idx, 8, temperature=0, num_samples=2, exit_layer=exit_layer)
     expect, expect_logp = naive_greedy(model, idx, 8, exit_layer)
-    assert torch.equal(out, expect.repeat_interleave(2, 0))
-    torch.testing.assert_close(logp, expect_logp.repeat_interleave(2, 0))
+    what = f"generate(3 prompts of 4, 8 new tokens, greedy, 2 samples each, exit_layer={exit_layer})"
+    assert_close(out, expect.repeat_interleave(2, 0), f"tokens of {what}, against a loop without the cache",
+                 rtol=0, atol=0)
+    assert_close(logp, expect_logp.repeat_interleave(2, 0),
+                 f"log-probabilities of {what}, against a loop without the cache")
 
 
 def test_sampling_is_seeded_and_logprobs_are_at_the_temperature():
@@ -396,21 +512,51 @@ def test_sampling_is_seeded_and_logprobs_are_at_the_temperature():
     idx = torch.randint(0, 13, (2, 4))
     a, logp = model.generate(idx, 6, temperature=0.8, num_samples=3, generator=torch.Generator().manual_seed(1))
     b, _ = model.generate(idx, 6, temperature=0.8, num_samples=3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+    what = "generate(2 prompts of 4, 6 new tokens, temperature 0.8, 3 samples each)"
+    assert_close(b, a, f"tokens of {what}, run twice with the same seed", rtol=0, atol=0)
     with torch.no_grad():
         expect = token_logprobs(model(a[:, :-1])[0][:, 3:], a[:, 4:], 0.8)
-    torch.testing.assert_close(logp, expect, atol=1e-5, rtol=1e-5)
+    assert_close(logp, expect, f"log-probabilities of the tokens of {what}, against the model's own at temperature 0.8",
+                 atol=1e-5, rtol=1e-5)
 
 
 def test_generation_stops_rows_at_eos():
+    """A row that has emitted EOS keeps emitting it, and generation stops once every row has, against the
+    naive greedy loop with each row cut after its first EOS and padded with EOS. The EOS ids are tokens the
+    naive loop emits: with 3 or 4 a row would go on with other tokens (11), with 11 both rows stop early."""
     model = tiny_model(seed=5)
-    with torch.no_grad():  # make token 13 the likeliest after token 7
-        model.lm_head.weight[13] += 5 * model.lm_head.weight[7]
-    idx = torch.tensor([[7, 7, 7, 7], [1, 2, 3, 4]])
-    out, _ = model.generate(idx, 10, temperature=0, eos_id=13)
-    for row in out[:, 4:].tolist():
-        if 13 in row:
-            assert all(t == 13 for t in row[row.index(13):])
+    idx = torch.tensor([[12, 2, 4, 3], [12, 11, 7, 4]])
+    free = naive_greedy(model, idx, 10)[0][:, 4:].tolist()  # [[3] * 7 + [11] * 3, [4] * 4 + [11] * 6]
+    for eos, length in [(3, 10), (4, 10), (11, 8)]:
+        rows = [row[: row.index(eos) + 1] + [eos] * (9 - row.index(eos)) if eos in row else row for row in free]
+        out, logp = model.generate(idx, 10, temperature=0, eos_id=eos)
+        what = f"generate(2 prompts, 10 new tokens, greedy, eos_id={eos})"
+        assert_close(out, torch.cat([idx, torch.tensor(rows)[:, :length]], 1), f"tokens of {what}, against the "
+                     f"naive loop cut after each row's first EOS (length {length})", rtol=0, atol=0)
+        assert logp.shape == (2, length), (f"log-probabilities of {what}: expected shape (2, {length}), "
+                                           f"got {tuple(logp.shape)}")
+        with torch.no_grad():  # EOS after a row is done included: the model's own log-probability of it
+            expect = token_logprobs(model(out[:, :-1])[0][:, 3:], out[:, 4:], 1.0)
+        assert_close(logp, expect, f"log-probabilities of {what}, against the model's own at temperature 1",
+                     atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_draws_from_the_softmax_at_the_temperature():
+    """20,000 one-token samples of one prompt at temperature 0.3: their frequencies lie within total
+    variation 0.03 of softmax(logits / 0.3), which is more than 0.06 from softmax(logits) (the test can tell
+    the two apart; sampling noise here is about 0.012)."""
+    model, temp, n = tiny_model(seed=4), 0.3, 20000
+    idx = torch.randint(0, 13, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(idx)[0][0, -1]
+    at_temp, at_one = F.softmax(logits / temp, -1), F.softmax(logits, -1)
+    assert 0.5 * (at_temp - at_one).abs().sum() > 0.06
+    out, _ = model.generate(idx, 1, temperature=temp, num_samples=n, generator=torch.Generator().manual_seed(2))
+    freq = torch.bincount(out[:, -1], minlength=logits.numel()).float() / n
+    tv = 0.5 * (freq - at_temp).abs().sum().item()
+    assert tv < 0.03, (f"frequencies of {n} one-token samples at temperature {temp}: expected within total variation "
+                       f"0.03 of softmax(logits / {temp}), got {tv:.3f} (from softmax(logits): "
+                       f"{0.5 * (freq - at_one).abs().sum().item():.3f}); is the temperature applied to the draw?")
 
 
 # ---------------------------------------------------------------- tasks and tokenizer
@@ -681,10 +827,12 @@ def test_k3_kl_and_ratio_are_finite_when_masked_positions_overflow():
     ref = torch.tensor([[-0.4, -0.9, 0.0, 0.0]])
     loss = grpo_loss(logp, old, torch.tensor([1.0]), mask, ref_logp=ref, kl_beta=0.1)
     loss.backward()
-    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
-    assert torch.equal(logp.grad[0, 2:], torch.zeros(2))
+    what = "GRPO loss with kl_beta=0.1 and log-probs -200, -300 at the 2 masked positions"
+    assert_finite(loss, what)
+    assert_finite(logp.grad, f"gradient of the {what}")
+    assert_close(logp.grad[0, 2:], torch.zeros(2), f"gradient of the {what}, at the masked positions", rtol=0, atol=0)
     unmasked = grpo_loss(logp[:, :2].detach(), old[:, :2], torch.tensor([1.0]), mask[:, :2], ref_logp=ref[:, :2], kl_beta=0.1)
-    assert loss.item() == pytest.approx(unmasked.item(), rel=1e-6)
+    assert_close(loss, unmasked, f"{what} against the same loss without them", rtol=1e-6, atol=0)
 
 
 def test_every_random_stream_is_its_own(monkeypatch, tmp_path):
@@ -885,10 +1033,12 @@ def test_alignment_terms_match_a_numpy_loop():
     attn = [[weights[i].item() * np.mean([jsd(sa[i, h, t], ta[i, h, t]) for h in range(H)]) for t in range(R)]
             for i in range(N)]
     for reduction in ("token", "sequence"):
-        assert logit_alignment_loss(student, teacher, weights, mask, reduction).item() == pytest.approx(
-            reduce(logit, reduction), abs=1e-6)
-        assert attention_alignment_loss(s_attn, t_attn, weights, mask, reduction).item() == pytest.approx(
-            reduce(attn, reduction), abs=1e-6)
+        assert_close(logit_alignment_loss(student, teacher, weights, mask, reduction), reduce(logit, reduction),
+                     f"logit_alignment_loss (N, R, V = {N}, {R}, {V}), '{reduction}', against a numpy loop",
+                     rtol=0, atol=1e-6)
+        assert_close(attention_alignment_loss(s_attn, t_attn, weights, mask, reduction), reduce(attn, reduction),
+                     f"attention_alignment_loss (N, heads, R, keys = {N}, {H}, {R}, {K}), '{reduction}', "
+                     "against a numpy loop", rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the lens picture (out_dir/lens.png)

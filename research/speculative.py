@@ -100,7 +100,8 @@ def speculative_accept(target, draft, tokens, generator=None):
     the replacement is drawn from the normalised residual max(0, p_L - p_l) and the rest is dropped; if
     all k are accepted, a bonus token is drawn from p_L at position k when it exists.
     With one-hot distributions (greedy) this is: the longest prefix the target agrees with, then the
-    target's own token. Returns (number accepted, the target's token or None).
+    target's own token. Returns (number accepted, the target's token as an int, or None); draw(p, generator)
+    below samples one token id from p.
     """
     for i, x in enumerate(tokens):
         ratio = target[i, x] / draft[i, x]

@@ -28,7 +28,7 @@ import speculative  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from oisd import masked_mean, response_mask  # noqa: E402
 from speculative import speculative_accept, speculative_generate  # noqa: E402
-from test_oisd import tiny_env  # noqa: E402  (the core tests' small run environment)
+from test_oisd import assert_close, tiny_env  # noqa: E402  (the core tests' checks and small run environment)
 
 
 
@@ -176,11 +176,17 @@ def test_speculative_greedy_equals_plain_greedy():
                 for layer in (1, 2, 3):
                     for k in (1, 3, 6):
                         out, stats = speculative_generate(model, idx, 14, layer, k, eos_id=eos)
-                        assert torch.equal(out, plain), (seed, prompt_seed, eos, layer, k)
-                        assert stats["tokens"] == plain.size(1) - 5 and stats["accepted"] <= stats["drafted"]
+                        what = (f"speculative greedy decoding (model seed {seed}, prompt seed {prompt_seed}, "
+                                f"eos_id={eos}, draft layer {layer}, {k} drafts)")
+                        assert_close(out, plain, f"tokens of {what}, against plain greedy decoding", rtol=0, atol=0)
+                        assert stats["tokens"] == plain.size(1) - 5, (f"stats['tokens'] of {what}: expected "
+                                                                      f"{plain.size(1) - 5}, got {stats['tokens']}")
+                        assert stats["accepted"] <= stats["drafted"], f"stats of {what}: more accepted than drafted"
                         disagreements.append(1 - stats["accepted"] / max(stats["drafted"], 1))
                         cases += 1
-    assert cases == 162 and np.mean(disagreements) > 0.25  # the drafts were often wrong, and still exact
+    assert cases == 162, f"cases checked: expected 162, got {cases}"
+    assert np.mean(disagreements) > 0.25, (f"share of rejected drafts: expected > 0.25 (the drafts often wrong), "
+                                           f"got {np.mean(disagreements):.3f}")
 
 
 
@@ -218,9 +224,9 @@ def exact_three_token_distribution(model, idx, temperature):
 
 
 
-def chi_square_rejects(counts, probs, z=3.09):
-    """Pearson's chi-square against probs (cells with expected count < 5 pooled); True if it rejects at
-    about the 0.1% level (the Wilson-Hilferty approximation to the chi-square quantile)."""
+def chi_square(counts, probs, z=3.09):
+    """Pearson's chi-square against probs (cells with expected count < 5 pooled): (the statistic, its
+    critical value at about the 0.1% level by the Wilson-Hilferty approximation, degrees of freedom)."""
     n = counts.sum()
     expected = n * probs
     small = expected < 5
@@ -228,7 +234,21 @@ def chi_square_rejects(counts, probs, z=3.09):
     exp = np.append(expected[~small], expected[small].sum())
     stat = ((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum()
     df = len(obs) - 1
-    return stat > df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat, df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3, df
+
+
+def chi_square_rejects(counts, probs, z=3.09):
+    """True if the chi-square test against probs rejects at about the 0.1% level."""
+    stat, critical, _ = chi_square(counts, probs, z)
+    return stat > critical
+
+
+def chi_square_says(counts, probs, what):
+    """A sentence for a failed check: the chi-square statistic of `what` against its critical value."""
+    stat, critical, df = chi_square(counts, probs)
+    verdict = "rejected" if stat > critical else "not rejected"
+    return (f"chi-square of {what}: statistic {stat:.1f}, 0.1% critical value {critical:.1f} ({df} degrees of "
+            f"freedom): {verdict}")
 
 
 
@@ -266,7 +286,10 @@ def test_speculative_sampling_matches_the_model_distribution(rule, monkeypatch):
         out, _ = speculative_generate(model, idx, 4, 1, 2, temperature=1.0, generator=gen)
         a, b, c = out[0, 3:6].tolist()
         counts[16 * a + 4 * b + c] += 1
-    assert chi_square_rejects(counts, probs) == (rule != "exact")
+    expect = "a rejection (a wrong rule)" if rule != "exact" else "no rejection (the law of plain sampling)"
+    assert chi_square_rejects(counts, probs) == (rule != "exact"), (
+        chi_square_says(counts, probs, f"the first 3 tokens of 1500 speculative samples, rule {rule}, against the "
+                        "model's exact law") + f"; expected {expect}")
 
 
 
@@ -281,8 +304,18 @@ def test_speculative_accept_rule_reproduces_the_target_distribution():
         x = int(torch.multinomial(draft[0], 1, generator=gen))
         n_ok, last = speculative_accept(target[:1], draft, [x], gen)
         counts[x if n_ok == 1 else last] += 1
-    assert not chi_square_rejects(counts, target[0].numpy())
-    assert speculative_accept(target, draft, [0], gen)[0] == 1  # p_L/p_l = 5 >= 1: always accepted, then a bonus
+    assert not chi_square_rejects(counts, target[0].numpy()), (chi_square_says(
+        counts, target[0].numpy(), "the token kept after one draft from p_l (20000 trials), against p_L") +
+        "; expected no rejection")
+    bonus = np.zeros(4)
+    for _ in range(4000):  # p_L/p_l = 5 >= 1: always accepted, then a bonus token from p_L at the next position
+        n_ok, last = speculative_accept(target, draft, [0], gen)
+        assert n_ok == 1 and last is not None, (f"speculative_accept of draft token 0 (p_L/p_l = 5) with a position "
+                                                f"after it: expected (1, a bonus token), got ({n_ok}, {last})")
+        bonus[last] += 1
+    assert not chi_square_rejects(bonus, target[1].numpy()), (chi_square_says(
+        bonus, target[1].numpy(), "the bonus token (4000 trials), against p_L at its position")
+        + "; expected no rejection")
 
 
 
