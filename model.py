@@ -218,17 +218,14 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, num_samples=1, eos_id=None,
                  generator=None, exit_layer=None):
-        """
-        Sample num_samples completions of each prompt, all rows in one batch.
+        """Sample num_samples completions of each prompt, all rows in one batch.
         idx: (B, P) prompts of equal length. temperature 0 is greedy.
         exit_layer: sample from that layer's exit head, running only blocks 1..exit_layer.
-        Returns tokens (B*num_samples, P+R) and the log-probabilities at the sampling temperature
-        (at 1 when greedy) of the R sampled tokens (B*num_samples, R); sample j of prompt b is row
-        b*num_samples+j.
-        A row that has emitted eos_id keeps emitting it, with the log-probability the model gives eos_id
-        there; the loop stops early (R < max_new_tokens) once every row has emitted it. generator: the
-        torch.Generator of the draws (torch.multinomial's), so a seed gives the same samples.
-        """
+        Returns tokens (B*num_samples, P+R) and the log-probabilities at the sampling temperature (at 1 when
+        greedy) of the R sampled tokens (B*num_samples, R); sample j of prompt b is row b*num_samples+j.
+        A row that has emitted eos_id keeps emitting it, with the log-probability the model gives eos_id there;
+        the loop stops early (R < max_new_tokens) once every row has emitted it. generator: the
+        torch.Generator of the draws (torch.multinomial's), so a seed gives the same samples."""
         n_layer = exit_layer or self.config.n_layer
         cache = KVCache()
         logits = self(idx, cache=cache, stop_layer=n_layer)[0][:, -1]  # (B, vocab): the prompt, run once

@@ -120,10 +120,10 @@ METHOD = dict(presets=PRESETS, arms=ARMS, no_layers=NO_LAYERS, arm_config=arm_co
 # The loss terms: small pure functions. N = rollouts in the batch, R = response positions, V = vocab.
 
 def masked_mean(values, mask, reduction="token"):
-    """values, mask: (N, R). 'token': sum over every unmasked position / their count (long answers weigh
-    more); 'sequence': mean over each row's unmasked positions, then over rows. Masked positions are
-    selected out (torch.where), so an inf or NaN there cannot leak in. A row with no unmasked position
-    counts one position in the denominator, so an empty mask gives 0, not NaN. Returns a scalar."""
+    """values, mask: (N, R). 'token': sum over every unmasked position / their count (long answers weigh more);
+    'sequence': mean over each row's unmasked positions, then over rows. Masked positions are selected out
+    (torch.where), so an inf or NaN there cannot leak in; a count of 0 counts as 1 (an empty mask gives 0, not
+    NaN). Returns a scalar."""
     values = torch.where(mask > 0, values, 0.0)
     if reduction == "token":
         return values.sum() / mask.sum().clamp_min(1)
@@ -200,12 +200,11 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_
     the first of num_iterations updates and the clip acts only on later ones; with num_iterations = 1 the
     gradient is the plain policy gradient of -A * logp, though the value is -A); advantages: (N,), one
     per rollout, shared by its tokens; mask: (N, R) response mask.
-    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, with ratio = exp(logp - old_logp),
-    the k3 term only when ref_logp is given and kl_beta > 0, and
-    k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled from the
-    current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be
-    improbable enough to overflow) and the k3 log-ratio is clamped to [-20, 20]. Reduced by
-    masked_mean(reduction). Returns a scalar."""
+    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, ratio = exp(logp - old_logp); k3 (only
+    with ref_logp and kl_beta > 0) = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled
+    from the current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be
+    improbable enough to overflow) and the k3 log-ratio is clamped to [-20, 20]. Reduced by masked_mean(reduction).
+    Returns a scalar."""
     valid = mask > 0
     ratio = torch.where(valid, logp - old_logp, 0.0).exp()
     adv = advantages.unsqueeze(1)  # (N, 1)
