@@ -20,10 +20,13 @@ final checkpoint out_dir/seed<S>/<arm>.pt), on diag_batches fresh batches of tha
      term's gradient g (grpo, logit, attn; lambda-weighted, averaged over the batches), v_hat the arm's own
      bias-corrected second moment; ratio_<term>_<group>: that norm over GRPO's.
 Writes out_dir/gradients.json (every number, per seed, arm and point) and out_dir/gradients.md (means over seeds).
+
+    python research/gradients.py --merge=DIR    # DIR/seed*/gradients.json, one run per seed -> DIR/gradients.{json,md}
 """
 
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -354,8 +357,8 @@ def preflight(envs, arms):
 
 
 def finite_or_none(value):
-    """A number for JSON: nan and inf become None (null)."""
-    return value if isinstance(value, int) or math.isfinite(value) else None
+    """A number for JSON: nan and inf become None (null); None (read back from a saved run) stays None."""
+    return value if value is None or isinstance(value, int) or math.isfinite(value) else None
 
 
 def mean_cell(values):
@@ -420,7 +423,36 @@ def save(cfg, per_seed, missed):
     return text
 
 
+def merge(folder):
+    """folder/seed*/gradients.json (one run of this script per seed, each kept there: checkpoints do not outlive a
+    working session) -> folder/gradients.json and gradients.md over all of them, as one run over every seed would
+    write them. Exit 2 with one line if none is there, their settings (but seeds and out_dir) differ, or a seed
+    is in two of them. Returns the md text."""
+    parts = sorted(glob.glob(os.path.join(folder, "seed*", "gradients.json")),
+                   key=lambda p: int(os.path.basename(os.path.dirname(p))[4:]))
+    if not parts:
+        refuse(f"--merge: {folder} holds no seed*/gradients.json")
+    per_seed, missed, config = {}, {}, None
+    for path in parts:
+        with open(path) as f:
+            saved = json.load(f)
+        settings = {k: v for k, v in saved["config"].items() if k not in ("seeds", "out_dir")}
+        if config is not None and settings != config:
+            refuse(f"--merge: {path} was measured with other settings than {parts[0]}")
+        if (set(saved["per_seed"]) | set(saved["missed"])) & (set(per_seed) | set(missed)):
+            refuse(f"--merge: a seed of {path} is already in another part")
+        per_seed.update(saved["per_seed"])
+        missed.update(saved["missed"])
+        config = settings
+    seeds = sorted([*per_seed, *missed], key=int)
+    cfg = GradConfig(**dict(config, seeds=",".join(seeds), out_dir=folder))
+    return save(cfg, {s: per_seed[s] for s in seeds if s in per_seed}, missed)
+
+
 def main(argv):
+    if len(argv) == 1 and argv[0].startswith("--merge="):
+        print(merge(argv[0].split("=", 1)[1]))
+        return
     env = harness.setup(argv, GradConfig, "research/gradients.py", validate_gradients, **METHOD)
     cfg, arms = env.cfg, env.cfg.arms.split(",")
     envs = seed_envs(cfg)

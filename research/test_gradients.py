@@ -152,3 +152,32 @@ def test_end_to_end_on_a_tiny_grid_and_refusals(tmp_path, capsys, monkeypatch):
             gradients.main(grid + bad)
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_merge_of_per_seed_runs_reads_as_one_run_over_every_seed(tmp_path, capsys):
+    """Two one-seed runs kept as seed<S>/gradients.json merge into the tables of both seeds: each cell the
+    mean of the two; other settings, or one seed twice, are refused with one line."""
+    grid = [f"--out_dir={tmp_path}", *GRID, "--rl_steps=1", "--eval_every=1", "--probe_steps=1"]
+    experiments.main(grid + ["--arms=grpo,oisd_lens"])
+    gradients.main(grid + ["--arms=grpo,oisd_lens", "--diag_batches=1", "--diag_groups=2"])
+    one = json.load(open(tmp_path / "gradients.json"))
+    two = json.loads(json.dumps(one).replace('"0": {"grpo"', '"1": {"grpo"'))  # the same numbers as seed 1 ...
+    two["per_seed"]["1"]["oisd_lens"]["end"]["drift_ln_f_bias"] += 0.5  # ... but one
+    two["config"]["seeds"] = "1"
+    for seed, saved in (("0", one), ("1", two)):
+        (tmp_path / "kept" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "kept" / f"seed{seed}" / "gradients.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    gradients.main([f"--merge={tmp_path / 'kept'}"])
+    merged = json.load(open(tmp_path / "kept" / "gradients.json"))
+    assert list(merged["per_seed"]) == ["0", "1"] and merged["config"]["seeds"] == "0,1"
+    drift = one["per_seed"]["0"]["oisd_lens"]["end"]["drift_ln_f_bias"]
+    row = [line for line in (tmp_path / "kept" / "gradients.md").read_text().splitlines() if line.startswith("| oisd_lens | 2 |")]
+    assert row and row[0].endswith(f"| {drift + 0.25:.4g} |"), row
+    two["config"]["diag_batches"] = 2
+    (tmp_path / "kept" / "seed2").mkdir()
+    (tmp_path / "kept" / "seed2" / "gradients.json").write_text(json.dumps(dict(two, per_seed={"2": two["per_seed"]["1"]})))
+    with pytest.raises(SystemExit) as e:
+        gradients.main([f"--merge={tmp_path / 'kept'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other settings" in err and err.count("\n") == 1, err
