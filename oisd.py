@@ -40,7 +40,7 @@ from tasks import batch_rewards, sample_problems
 @dataclasses.dataclass
 class Config(RunConfig):  # the run's own fields (out_dir, seed, device, arms, resume, ...) are in harness.RunConfig
     # task
-    task: str = "add"                # add | chain (running sums written out: 12+34+56= -> 046,102)
+    task: str = "add"                # add | chain (running sums written out: 012+034+056= -> 0046,0102)
     digits: int = 3                  # digits per operand
     terms: int = 3                   # operands of the chain task
     # model

@@ -165,6 +165,9 @@ def main(argv):
     for n in chosen:
         missing = f"grader error: {folder} lacks {EXERCISES[n]['file']} or its tests"
         line = verdict(n, results) if n in present else missing
+        uses = EXERCISES[n].get("uses")
+        if line.startswith("failed") and uses:  # a mistake in an exercise it uses fails its tests too
+            line += f" (its tests use exercise {' and '.join(map(str, uses))} too: do they pass?)"
         not_passed += not line.startswith("passed")
         print(f"exercise {n} ({', '.join(EXERCISES[n]['functions'])}): {line}")
         if len(chosen) == 1 and n in present and not line.startswith("passed"):
