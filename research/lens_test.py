@@ -140,6 +140,12 @@ def step_lines(per_seed, arms):
     return lines, out
 
 
+def measured(row):
+    """A row's measures without its wall-clock timings (sec_L*, lens_sec_L*, *_seconds), which differ between
+    two evaluations of the very same model."""
+    return {k: v for k, v in row.items() if not (k.startswith(("sec_L", "lens_sec_L")) or k.endswith("seconds"))}
+
+
 def strength_lines(strength_dir, add_per_seed):
     """Each strength grid's one arm against grpo of the addition grid on the same seeds (the same warm-ups,
     checked: the warm-up start's measures must be identical):
@@ -154,7 +160,7 @@ def strength_lines(strength_dir, add_per_seed):
             refuse(f"{grid}: seeds {sorted(set(per_seed) - set(add_per_seed))} are not in the addition grid")
         seeds, L = sorted(per_seed, key=int), c["n_layer"]
         for s in seeds:  # paired only from one warm-up: a warm-up made on another machine rounds differently
-            if per_seed[s]["warm-up start"] != add_per_seed[s]["warm-up start"]:
+            if measured(per_seed[s]["warm-up start"]) != measured(add_per_seed[s]["warm-up start"]):
                 refuse(f"{grid}: seed {s}'s warm-up start differs from the addition grid's; run both on one machine")
         (l,) = layer_list(arm_config(ExpConfig(**c), arm))
         diff = {name: [100 * (per_seed[s][arm][key] - add_per_seed[s]["grpo"][key]) for s in seeds]

@@ -91,6 +91,13 @@ def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsy
 def test_refusals_are_one_line(tmp_path, capsys):
     grids(tmp_path, [0.01, 0.02, 0.0, 0.03, -0.01, 0.02])
     other = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))["per_seed"]
+    timed = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))
+    for s in timed["per_seed"]:  # the same warm-up, timed again: still paired
+        timed["per_seed"][s]["warm-up start"].update(sec_L4=1.0 + int(s), lens_sec_L2=0.5)
+    write_grid(tmp_path / "strength" / "logit10", timed["per_seed"], arms="logit_only", exit_norm="ln_f", lambda_logit=10.0)
+    lens_test.main([f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}",
+                    f"--strength={tmp_path / 'strength'}", f"--out={tmp_path / 'timed.md'}"])
+    assert "| logit10 |" in capsys.readouterr().out
     other["301"]["warm-up start"] = measures(0.32)  # another machine's warm-up of seed 301
     write_grid(tmp_path / "strength" / "other", other, arms="logit_only", exit_norm="ln_f")
     with pytest.raises(SystemExit) as e:
