@@ -425,6 +425,19 @@ def test_attention_probabilities_match_manual_softmax_and_fused_output():
     assert torch.all(attns[2].triu(1) == 0) and torch.allclose(attns[3].sum(-1), torch.ones(2, 2, 6))
 
 
+def assert_rows_of_the_full_forward(got, full, start, what):
+    """got, full: (logits, {layer: exit logits}, {layer: attention}) of a forward; got's rows must be full's from
+    position `start` on, for the final logits and every exit and attention layer got has."""
+    (logits, exits, attns), (f_logits, f_exits, f_attns) = got, full
+    assert_close(logits, f_logits[:, start:], f"final logits of {what}, against the full forward", atol=1e-5, rtol=1e-5)
+    for layer in exits:
+        assert_close(exits[layer], f_exits[layer][:, start:], f"layer-{layer} exit logits of {what}, against the full "
+                     "forward", atol=1e-5, rtol=1e-5)
+    for layer in attns:
+        assert_close(attns[layer], f_attns[layer][:, :, start:], f"layer-{layer} attention rows of {what}, against the "
+                     "full forward", atol=1e-6, rtol=1e-5)
+
+
 def test_shared_prompt_forward_equals_full_forward():
     """Running the prompt once, sharing its keys and values with 3 continuations (the training forward of
     rl_loss), gives the full forward's logits, exits and attention rows, and the same gradients."""
@@ -435,13 +448,9 @@ def test_shared_prompt_forward_equals_full_forward():
     cache = KVCache()
     model(prompt, cache=cache)
     cache.repeat_interleave(3)
-    s_logits, s_exits, s_attns = model(tails, cache=cache, exit_layers=(1,), attn_layers=(1, 3))
     what = "a prompt of 4 run once into the KV cache, then 3 continuations of 5"
-    assert_close(s_logits, logits[:, 4:], f"final logits of {what}, against the full forward", atol=1e-5, rtol=1e-5)
-    assert_close(s_exits[1], exits[1][:, 4:], f"layer-1 exit logits of {what}, against the full forward",
-                 atol=1e-5, rtol=1e-5)
-    assert_close(s_attns[3], attns[3][:, :, 4:], f"layer-3 attention rows of {what}, against the full forward",
-                 atol=1e-6, rtol=1e-5)
+    assert_rows_of_the_full_forward(model(tails, cache=cache, exit_layers=(1,), attn_layers=(1, 3)),
+                                    (logits, exits, attns), 4, what)
     grad_full = torch.autograd.grad(logits[:, 4:].square().sum(), model.transformer.wpe.weight)[0]
     cache = KVCache()
     model(prompt, cache=cache)
@@ -452,16 +461,11 @@ def test_shared_prompt_forward_equals_full_forward():
     # rl_loss runs the rollouts through forward_responses, which is this trick: the full forward's rows at the
     # positions that predict response tokens (the prompt's last position on), for 3 rollouts of one prompt
     cfg = Config(n_layer=3, align_layers="1", group_size=3)
-    logits, exits, attns = model(full_in[:, :-1], exit_layers=(1,), attn_layers=(1, 3))
-    r_logits, r_exits, r_attns = oisd.forward_responses(cfg, model, full_in, 4)
+    full = model(full_in[:, :-1], exit_layers=(1,), attn_layers=(1, 3))
     what = "forward_responses on 3 rollouts of one prompt (it runs the prompt once, through the KV cache)"
-    assert_close(r_logits, logits[:, 3:], f"final logits of {what}, against the full forward", atol=1e-5, rtol=1e-5)
-    assert_close(r_exits[1], exits[1][:, 3:], f"layer-1 exit logits of {what}, against the full forward",
-                 atol=1e-5, rtol=1e-5)
-    assert_close(r_attns[1], attns[1][:, :, 3:], f"layer-1 attention rows of {what}, against the full forward",
-                 atol=1e-6, rtol=1e-5)
-    assert_close(r_attns[3], attns[3][:, :, 3:], f"layer-3 attention rows of {what}, against the full forward",
-                 atol=1e-6, rtol=1e-5)
+    got = oisd.forward_responses(cfg, model, full_in, 4)
+    assert set(got[1]) == {1} and set(got[2]) == {1, 3}, f"{what}: exits of layers {set(got[1])}, attention of {set(got[2])}"
+    assert_rows_of_the_full_forward(got, full, 3, what)
 
 
 def test_exit_heads():

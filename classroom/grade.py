@@ -80,7 +80,8 @@ def run_tests(folder, numbers, timeout):
         except subprocess.TimeoutExpired:
             return None
         if done.returncode not in (0, 1) or not os.path.exists(xml):  # 0: all passed, 1: some failed
-            raise RuntimeError(f"pytest exited with status {done.returncode} in {folder} (is pytest installed?)")
+            why = "it collected none of these tests" if done.returncode == 5 else "is pytest installed?"
+            raise RuntimeError(f"pytest exited with status {done.returncode} in {folder} ({why})")
         results = []
         for case in ET.parse(xml).iter("testcase"):
             name, problem = case.get("name"), next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
