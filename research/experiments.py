@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -439,6 +440,18 @@ def exit_table(summary, shown):
                  + " / ".join(pct(s[f"{p}agree_L{l}"]) for p in ("", "lens_", "probe_")) for l in shown]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seed_folders(folder, filename):
+    """folder/seed<S>/filename, each seed's own file as research/assets/ keeps them -> [(S, path)] in increasing
+    S, or exit 2 with one line if a seed folder holding filename is not named seed<integer>."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "seed*", filename)):
+        name = os.path.basename(os.path.dirname(path))
+        if not re.fullmatch(r"seed[0-9]+", name):
+            refuse(f"{os.path.dirname(path)}: a seed's folder is named seed<integer>, not {name!r}")
+        found.append((str(int(name[4:])), path))
+    return sorted(found, key=lambda sp: int(sp[0]))
 
 
 def read_metrics(cfg, seeds):

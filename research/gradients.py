@@ -26,7 +26,6 @@ Writes out_dir/gradients.json (every number, per seed, arm and point) and out_di
 
 import copy
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import harness  # noqa: E402
 from harness import ConfigError, load_checkpoint, make_optimizer, refuse, stream_seed, warmup_path, write_atomic  # noqa: E402
 from oisd import (METHOD, alignment_weights, arm_config, group_advantages, js_divergence, layer_list,  # noqa: E402
                   load_policy, response_mask, rl_loss, rollout, warmup)
-from experiments import ExpConfig, seed_envs, trained_model, validate_experiment, warmup_val_acc  # noqa: E402
+from experiments import ExpConfig, seed_envs, seed_folders, trained_model, validate_experiment, warmup_val_acc  # noqa: E402
 from tasks import sample_problems  # noqa: E402
 
 
@@ -428,17 +427,18 @@ def merge(folder):
     working session) -> folder/gradients.json and gradients.md over all of them, as one run over every seed would
     write them. Exit 2 with one line if none is there, their settings (but seeds and out_dir) differ, or a seed
     is in two of them. Returns the md text."""
-    parts = sorted(glob.glob(os.path.join(folder, "seed*", "gradients.json")),
-                   key=lambda p: int(os.path.basename(os.path.dirname(p))[4:]))
+    parts = seed_folders(folder, "gradients.json")
     if not parts:
         refuse(f"--merge: {folder} holds no seed*/gradients.json")
     per_seed, missed, config = {}, {}, None
-    for path in parts:
+    for seed, path in parts:
         with open(path) as f:
             saved = json.load(f)
+        if set(saved["per_seed"]) | set(saved["missed"]) != {seed}:
+            refuse(f"--merge: {path} measured seeds {sorted({*saved['per_seed'], *saved['missed']})}, not its folder's {seed}")
         settings = {k: v for k, v in saved["config"].items() if k not in ("seeds", "out_dir")}
         if config is not None and settings != config:
-            refuse(f"--merge: {path} was measured with other settings than {parts[0]}")
+            refuse(f"--merge: {path} was measured with other settings than {parts[0][1]}")
         if (set(saved["per_seed"]) | set(saved["missed"])) & (set(per_seed) | set(missed)):
             refuse(f"--merge: a seed of {path} is already in another part")
         per_seed.update(saved["per_seed"])

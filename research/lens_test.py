@@ -8,8 +8,10 @@ the gradient diagnostics (research/gradients.py's gradients.md, where it was run
 
 Each grid must have been collected with --skip_missed over all of its seeds (research/experiments.py writes
 summary.json), in one part or in several (dir1,dir2), or be a folder of its seeds' own summaries
-(seed*/summary.json, as research/assets/lens/ keeps them). Writes --out (markdown) and the same numbers as
-JSON next to it (.json).
+(seed*/summary.json, as research/assets/lens/ keeps them). Nothing is reported before every grid is complete
+by the plan (--plan, research/lens_plan.json by default: its valid seeds from its first, none skipped; and
+where the seeds' logs and exit statuses are kept, each of them agrees with its summary). Writes --out
+(markdown) and the same numbers as JSON next to it (.json).
 """
 
 import argparse
@@ -17,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -24,32 +27,33 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
 from harness import refuse, write_atomic  # noqa: E402
 from oisd import arm_config, layer_list  # noqa: E402
-from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test  # noqa: E402
+from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test, seed_folders  # noqa: E402
 
 PRIMARY = "oisd_lens"  # the confirmatory comparison: final-layer Avg@K, oisd_lens - grpo, on the chain
 
 
 def grid_parts(paths):
-    """'dir' or 'dir1,dir2' -> the summary.json files of the grid's parts. A dir holding no summary.json but
-    seed*/summary.json (each seed's own, as its process wrote it and research/assets/lens/ keeps it) gives
-    one part per seed."""
+    """'dir' or 'dir1,dir2' -> [(summary.json, seed or None)], the grid's parts. A dir holding no summary.json but
+    seed<S>/summary.json (each seed's own, as its process wrote it and research/assets/lens/ keeps it) gives
+    one part per seed, with the seed its folder names."""
     parts = []
     for path in paths.split(","):
-        if os.path.exists(os.path.join(path, "summary.json")) or not glob.glob(os.path.join(path, "seed*", "summary.json")):
-            parts.append(os.path.join(path, "summary.json"))
+        kept = seed_folders(path, "summary.json")
+        if os.path.exists(os.path.join(path, "summary.json")) or not kept:
+            parts.append((os.path.join(path, "summary.json"), None))
         else:
-            parts += sorted(glob.glob(os.path.join(path, "seed*", "summary.json")),
-                            key=lambda p: int(os.path.basename(os.path.dirname(p))[4:]))
+            parts += [(summary, seed) for seed, summary in kept]
     return parts
 
 
-def read_grid(paths):
+def read_grid(paths, plan):
     """'dir' or 'dir1,dir2' (one grid collected in parts, e.g. over two working sessions; see grid_parts) ->
     (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. Each part must
     be a --skip_missed collection with grpo and the same rows on every seed (a part may hold only missed
-    seeds); the parts must share every setting but the seeds and out_dir, and no seed."""
-    per_seed, missed, config, rows = {}, {}, None, None
-    for summary in grid_parts(paths):
+    seeds; a seed's own folder, only that seed); the parts must share every setting but the seeds and
+    out_dir, and no seed; and the grid must be complete by the plan (check_complete)."""
+    per_seed, missed, config, rows, out_dir = {}, {}, None, None, None
+    for summary, folder_seed in grid_parts(paths):
         path = os.path.dirname(summary)
         try:
             with open(summary) as f:
@@ -60,6 +64,10 @@ def read_grid(paths):
             refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
         if not c.get("skip_missed") or not (part or part_missed) or any(r != (rows or part_rows[0]) for r in part_rows):
             refuse(f"{path}: collect it with --skip_missed, every seed with the same arms")
+        if set(part) & set(part_missed):
+            refuse(f"{path}: seeds {sorted(set(part) & set(part_missed), key=int)} are both valid and missed")
+        if folder_seed is not None and set(part) | set(part_missed) != {folder_seed}:
+            refuse(f"{path}: the folder of seed {folder_seed} holds the summary of seeds {sorted({*part, *part_missed})}")
         settings = {k: v for k, v in c.items() if k not in ("seeds", "out_dir")}
         if config is not None and settings != config:
             refuse(f"{path}: its settings or arms differ from {paths.split(',')[0]}'s")
@@ -67,10 +75,65 @@ def read_grid(paths):
             refuse(f"{path}: a seed of it is already in an earlier part")
         per_seed.update(part)
         missed.update(part_missed)
-        config, rows = settings, rows or (part_rows[0] if part_rows else None)
+        config, rows, out_dir = settings, rows or (part_rows[0] if part_rows else None), out_dir or c.get("out_dir")
     if not per_seed:
         refuse(f"{paths}: no seed of this grid reached RL: nothing to test")
-    return per_seed, missed, dict(config, seeds=",".join(sorted([*per_seed, *missed], key=int)))
+    check_complete(paths, per_seed, missed, plan_grid(plan, out_dir, paths))
+    return per_seed, missed, dict(config, out_dir=out_dir, seeds=",".join(sorted([*per_seed, *missed], key=int)))
+
+
+def read_plan(path):
+    """The scheduler's plan (research/lens_plan.json) -> {out_dir: its grid}, or exit 2 with one line."""
+    try:
+        with open(path) as f:
+            return {g["out_dir"]: g for g in json.load(f)["grids"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        refuse(f"--plan={path} is not a seed scheduler's plan ({type(e).__name__})")
+
+
+def plan_grid(plan, out_dir, paths):
+    """The plan's grid that ran as out_dir (the out_dir in its summaries), or exit 2 with one line."""
+    if out_dir not in plan:
+        refuse(f"{paths}: its grid ran as {out_dir}, which the plan does not name ({', '.join(plan)}): "
+               "only the grids fixed in advance are tested")
+    return plan[out_dir]
+
+
+def check_complete(paths, per_seed, missed, grid):
+    """Exit 2 with one line unless the grid holds exactly the plan's seeds: grid['valid'] valid ones, run from
+    grid['first_seed'] with none skipped (research/seed_scheduler.py starts seeds in increasing order and
+    none once enough are valid or running). Where a seed's log and exit status are kept beside its folder
+    (seed<S>.log, seed<S>.rc, as research/assets/lens/ keeps them), every seed must have both, every kept seed
+    a summary, every status must be 0, and a log must report a missed warm-up exactly when its summary does."""
+    seeds = sorted(int(s) for s in [*per_seed, *missed])
+    if len(per_seed) != grid["valid"] or seeds != list(range(grid["first_seed"], seeds[-1] + 1)):
+        refuse(f"{paths}: {len(per_seed)} valid of seeds {','.join(map(str, seeds))}; the plan asks for {grid['valid']} "
+               f"valid, run from {grid['first_seed']} with none skipped: the grid is not complete, and nothing is "
+               "reported before it is")
+    kept = {}
+    for path in paths.split(","):
+        for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+            m = re.fullmatch(r"seed([0-9]+)\.(rc|log)", name)
+            if m:
+                kept.setdefault(str(int(m[1])), {})[m[2]] = os.path.join(path, name)
+    if not kept:
+        return  # collected in one command (research/experiments.py --seeds=...): its logs are not kept apart
+    for s in sorted(set(kept) | set(map(str, seeds)), key=int):
+        files = kept.get(s, {})
+        if set(files) != {"rc", "log"}:
+            refuse(f"{paths}: seed {s} has no kept {'log' if 'log' not in files else 'exit status'} (seed{s}.rc and "
+                   f"seed{s}.log beside its folder)")
+        if s not in per_seed and s not in missed:
+            refuse(f"{files['rc']}: seed {s} ran but has no summary: it did not finish; resume it")
+        with open(files["rc"]) as f:
+            status = f.read().strip()
+        if status != "0":
+            refuse(f"{files['rc']}: seed {s} ended with status {status!r}: resume it")
+        with open(files["log"]) as f:
+            log_missed = f"seed {s}: warm-up missed" in f.read()
+        if log_missed != (s in missed):
+            refuse(f"{files['log']}: the log {'reports' if log_missed else 'does not report'} a missed warm-up and "
+                   f"the summary {'does not' if log_missed else 'does'}")
 
 
 def compare(per_seed, arm, base, key):
@@ -146,15 +209,15 @@ def measured(row):
     return {k: v for k, v in row.items() if not (k.startswith(("sec_L", "lens_sec_L")) or k.endswith("seconds"))}
 
 
-def strength_lines(strength_dir, add_per_seed):
+def strength_lines(strength_dir, add_per_seed, plan):
     """Each strength grid's one arm against grpo of the addition grid on the same seeds (the same warm-ups,
     checked: the warm-up start's measures must be identical):
     per-seed differences and their mean, exploratory (3 seeds: no test)."""
     lines = ["| grid | arm | lambda | seeds | Avg@K - grpo, per seed (mean) | greedy - grpo (mean) | aligned exit - grpo's (mean) |",
              "|---|---|---|---|---|---|---|"]
     out = {}
-    for grid in sorted(d for d in glob.glob(os.path.join(strength_dir, "*")) if os.path.exists(grid_parts(d)[0])):
-        per_seed, _, c = read_grid(grid)
+    for grid in sorted(d for d in glob.glob(os.path.join(strength_dir, "*")) if os.path.exists(grid_parts(d)[0][0])):
+        per_seed, _, c = read_grid(grid, plan)
         (arm,) = [r for r in next(iter(per_seed.values())) if r != "warm-up start"]
         if not set(per_seed) <= set(add_per_seed):
             refuse(f"{grid}: seeds {sorted(set(per_seed) - set(add_per_seed))} are not in the addition grid")
@@ -179,12 +242,15 @@ def main(argv=None):
     p.add_argument("--addition", default="", help="the addition grid's out_dir; dir1,dir2 for parts (optional)")
     p.add_argument("--strength", default="", help="the folder holding the strength grids (optional)")
     p.add_argument("--out", required=True, help="the markdown report to write")
+    p.add_argument("--plan", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens_plan.json"),
+                   help="the seed scheduler's plan: each grid must hold exactly its seeds")
     a = p.parse_args(argv)
+    plan = read_plan(a.plan)
     report, data = ["# The lens test", ""], {}
     if a.strength and not a.addition:
         refuse("--strength needs --addition: its grids are paired with the addition grid's grpo")
     for name, path in (("chain", a.chain), ("addition", a.addition)) if a.addition else (("chain", a.chain),):
-        per_seed, missed, c = read_grid(path)
+        per_seed, missed, c = read_grid(path, plan)
         arms = [r for r in next(iter(per_seed.values())) if r not in ("warm-up start", "grpo")]
         seeds = sorted(per_seed, key=int)
         report += [f"## {name} (`{path}`): {len(seeds)} valid seeds ({','.join(seeds)}); missed warm-ups (no RL): "
@@ -207,7 +273,7 @@ def main(argv=None):
             if os.path.exists(diag):
                 report += [f"Where the gradient goes ({diag}):", "", open(diag).read().strip(), ""]
     if a.strength:
-        lines, data["strength"] = strength_lines(a.strength, add_per_seed)
+        lines, data["strength"] = strength_lines(a.strength, add_per_seed, plan)
         report += ["## The strength of the terms (exploratory; against the addition grid's grpo on the same seeds)",
                    "", *lines, ""]
         for diag in sorted(glob.glob(os.path.join(a.strength, "*", "gradients.md"))):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 
 import pytest
@@ -181,3 +182,13 @@ def test_merge_of_per_seed_runs_reads_as_one_run_over_every_seed(tmp_path, capsy
         gradients.main([f"--merge={tmp_path / 'kept'}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other settings" in err and err.count("\n") == 1, err
+    shutil.rmtree(tmp_path / "kept" / "seed2")
+    for folder, saved, message in (("seed3", two, "measured seeds ['1'], not its folder's 3"),  # seed 1's run in seed 3's folder
+                                   ("seedx", one, "named seed<integer>, not 'seedx'")):
+        (tmp_path / "kept" / folder).mkdir()
+        (tmp_path / "kept" / folder / "gradients.json").write_text(json.dumps(saved))
+        with pytest.raises(SystemExit) as e:
+            gradients.main([f"--merge={tmp_path / 'kept'}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+        shutil.rmtree(tmp_path / "kept" / folder)
