@@ -526,15 +526,21 @@ def test_sampling_is_seeded_and_logprobs_are_at_the_temperature():
 
 def test_generation_stops_rows_at_eos():
     """A row that has emitted EOS keeps emitting it, and generation stops once every row has, against the
-    naive greedy loop with each row cut after its first EOS and padded with EOS. The EOS ids are tokens the
-    naive loop emits: with 3 or 4 a row would go on with other tokens (11), with 11 both rows stop early."""
-    model = tiny_model(seed=5)
+    naive greedy loop with each row cut after its first EOS and padded with EOS. Each token the naive loop
+    emits is tried as the EOS id; among them must be one that stops both rows early and one after which a
+    finished row is padded while the other goes on."""
+    model, new = tiny_model(seed=5), 10
     idx = torch.tensor([[12, 2, 4, 3], [12, 11, 7, 4]])
-    free = naive_greedy(model, idx, 10)[0][:, 4:].tolist()  # [[3] * 7 + [11] * 3, [4] * 4 + [11] * 6]
-    for eos, length in [(3, 10), (4, 10), (11, 8)]:
-        rows = [row[: row.index(eos) + 1] + [eos] * (9 - row.index(eos)) if eos in row else row for row in free]
-        out, logp = model.generate(idx, 10, temperature=0, eos_id=eos)
-        what = f"generate(2 prompts, 10 new tokens, greedy, eos_id={eos})"
+    free = naive_greedy(model, idx, new)[0][:, 4:].tolist()  # (2, new): the rows without any EOS
+    stopped_early = padded = False
+    for eos in sorted({t for row in free for t in row}):
+        firsts = [row.index(eos) if eos in row else None for row in free]  # each row's first EOS, if any
+        length = new if None in firsts else max(firsts) + 1  # generation stops once every row has emitted EOS
+        rows = [row if f is None else row[: f + 1] + [eos] * (new - f - 1) for row, f in zip(free, firsts)]
+        stopped_early |= length < new
+        padded |= any(f is not None and f + 1 < length for f in firsts)
+        out, logp = model.generate(idx, new, temperature=0, eos_id=eos)
+        what = f"generate(2 prompts, {new} new tokens, greedy, eos_id={eos})"
         assert_close(out, torch.cat([idx, torch.tensor(rows)[:, :length]], 1), f"tokens of {what}, against the "
                      f"naive loop cut after each row's first EOS (length {length})", rtol=0, atol=0)
         assert logp.shape == (2, length), (f"log-probabilities of {what}: expected shape (2, {length}), "
@@ -543,6 +549,8 @@ def test_generation_stops_rows_at_eos():
             expect = token_logprobs(model(out[:, :-1])[0][:, 3:], out[:, 4:], 1.0)
         assert_close(logp, expect, f"log-probabilities of {what}, against the model's own at temperature 1",
                      atol=1e-5, rtol=1e-5)
+    assert stopped_early and padded, (f"the naive loop's rows {free} give no EOS id that stops both rows early "
+                                      f"({stopped_early}) or pads a finished row ({padded}): pick another seed")
 
 
 def test_sampling_draws_from_the_softmax_at_the_temperature():
