@@ -374,8 +374,9 @@ def alignment_evidence(cfg, model, weights, advantages, terms, jsd, mask):
     terms, and per-position logit JSD (N, R) of the first aligned exit vs the final layer:
     diag_w_group_sum, the mean over groups of the sum of the weights (about 0 for signed weights);
     diag_align_grad_norm and diag_grpo_grad_norm, the gradient norms of the alignment terms and of GRPO;
-    diag_jsd_adv_corr, the correlation over rollouts between the advantage and the rollout's mean JSD (if
-    it is small, signed pulls and pushes on similar rollouts cancel)."""
+    diag_jsd_adv_corr, the correlation between the advantage and the rollout's mean JSD, pooled over the
+    batch's rollouts with A != 0 (across prompts, so the JSD's spread between prompts dilutes it;
+    research/gradients.py measures it within groups, and how far the rollouts' gradients cancel)."""
     align = cfg.lambda_logit * terms.get("logit", 0.0) + cfg.lambda_attn * terms.get("attn", 0.0)
     out = {"w_group_sum": weights.view(-1, cfg.group_size).sum(1).mean().item(),
            "align_grad_norm": grad_norm(align, model), "grpo_grad_norm": grad_norm(terms["grpo"], model)}
