@@ -196,10 +196,10 @@ def response_mask(completion, eos_id):
 def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, kl_beta=0.0, reduction="token"):
     """PPO-clipped GRPO surrogate (DeepSeekMath), to be minimised.
     logp: (N, R) current log-probs of the sampled tokens; old_logp: (N, R) the same under the policy that
-    sampled them (the sampler and the training forward compute the same function, so the ratio is 1 at
-    the first of num_iterations updates and the clip acts only on later ones; with num_iterations = 1 the
-    gradient is the plain policy gradient of -A * logp, though the value is -A); advantages: (N,), one
-    per rollout, shared by its tokens; mask: (N, R) response mask.
+    sampled them (the sampler and the training forward compute the same function, so the ratio is 1, to
+    rounding, at the first of num_iterations updates and the clip acts only on later ones; with
+    num_iterations = 1 the gradient is the plain policy gradient of -A * logp, though the value is -A);
+    advantages: (N,), one per rollout, shared by its tokens; mask: (N, R) response mask.
     Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + kl_beta * k3, ratio = exp(logp - old_logp); k3 (only
     with ref_logp and kl_beta > 0) = exp(ref - logp) - (ref - logp) - 1 estimates KL(current || ref) on tokens sampled
     from the current policy. Log-ratios are zeroed at masked positions before exp (the tokens after EOS may be

@@ -750,25 +750,28 @@ def tiny_env(tmp_path=None, **overrides):
     return oisd.Env(cfg)
 
 
-@pytest.mark.parametrize("arm", ["grpo", "oisd", "oisd_pos", "logit_only", "attn_only", "oisd_lens", "grpo_ce_exits"])
-def test_bf16_rollout_and_training_logprobs_agree_for_every_arm(arm, monkeypatch):
-    """Under bf16 autocast (emulated on the CPU) the training forward of every arm gives exactly the
-    sampler's log-probabilities, so the first ratio is 1: arms differ in method, not in numerics."""
+def test_bf16_rollout_and_training_logprobs_agree_for_every_arm(monkeypatch):
+    """Under bf16 autocast (emulated on the CPU) every arm's training forward gives bit for bit the same
+    log-probabilities as grpo's (arms differ in method, not in numerics), and they agree with the
+    sampler's to rounding, so the first ratio is 1 to within 2e-4. The sampler runs one position at a
+    time and the training forward all at once, so matrix products of other shapes may round otherwise:
+    exact on an AVX-512 CPU, up to 4e-5 apart on an AVX2 one. A head rounded to bf16 gives 9e-4."""
     env = tiny_env(precision="bf16")
-    cfg = oisd.arm_config(env.cfg, arm)
-    env.cfg = cfg
-    torch.manual_seed(0)
-    model = GPT(env.model_config(cfg))
     problems = sample_problems(env.task, random.Random(0), 4, env.exclude)
-    seq, old_logp, _ = oisd.rollout(env, cfg, model, problems, torch.Generator().manual_seed(0))
-    seen = {}
-    real = oisd.grpo_loss
-    monkeypatch.setattr(oisd, "grpo_loss", lambda logp, old, *a, **k: seen.setdefault("logp", logp) is None or real(logp, old, *a, **k))
-    mask = response_mask(seq[:, env.prompt_len:], env.eos_id)
-    with oisd.autocast(env):
-        oisd.rl_loss(cfg, model, seq, env.prompt_len, old_logp, torch.randn(16), mask)
-    valid = mask.bool()
-    assert torch.equal(seen["logp"][valid], old_logp[valid])
+    seen, real = {}, oisd.grpo_loss
+    for arm in ("grpo", "oisd", "oisd_pos", "logit_only", "attn_only", "oisd_lens", "oisd_lens_frozen", "grpo_ce_exits"):
+        cfg = oisd.arm_config(env.cfg, arm)
+        env.cfg = cfg
+        torch.manual_seed(0)
+        model = GPT(env.model_config(cfg))
+        seq, old_logp, _ = oisd.rollout(env, cfg, model, problems, torch.Generator().manual_seed(0))
+        monkeypatch.setattr(oisd, "grpo_loss", lambda logp, old, *a, **k: seen.__setitem__(arm, logp.detach()) or real(logp, old, *a, **k))
+        mask = response_mask(seq[:, env.prompt_len:], env.eos_id)
+        with oisd.autocast(env):
+            oisd.rl_loss(cfg, model, seq, env.prompt_len, old_logp, torch.randn(16), mask)
+        valid = mask.bool()
+        assert torch.equal(seen[arm], seen["grpo"]), arm
+        assert (seen[arm] - old_logp)[valid].abs().max() < 2e-4, arm
 
 
 def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path, monkeypatch):
