@@ -8,14 +8,15 @@ the gradient diagnostics (research/gradients.py's gradients.md, where it was run
 
 Each grid must have been collected with --skip_missed over all of its seeds (research/experiments.py writes
 summary.json), in one part or in several (dir1,dir2), or be a folder of its seeds' own summaries
-(seed*/summary.json, as research/assets/lens/ keeps them). Nothing is reported before every grid is complete
-by the plan (--plan, research/lens_plan.json by default: its valid seeds from its first, none skipped; and
-where the seeds' logs and exit statuses are kept, each of them agrees with its summary). Writes --out
-(markdown) and the same numbers as JSON next to it (.json).
+(seed*/summary.json, as research/assets/lens/ keeps them, with each seed's log and exit status). Nothing is
+reported before every grid is the plan's grid of its role and complete by the plan (--plan,
+research/lens_plan.json by default: run with its settings; its valid seeds from its first, none skipped,
+the last one valid; each kept log and exit status agreeing with its summary; its diagnostics, if any, of
+exactly its valid seeds). Writes --out (markdown) and the same numbers as JSON next to it (.json).
 """
 
 import argparse
-import glob
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
-from harness import refuse, write_atomic  # noqa: E402
+from harness import parse_bool, refuse, write_atomic  # noqa: E402
 from oisd import arm_config, layer_list  # noqa: E402
 from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test, seed_folders  # noqa: E402
 
@@ -46,77 +47,110 @@ def grid_parts(paths):
     return parts
 
 
-def read_grid(paths, plan):
+def read_grid(paths, grid):
     """'dir' or 'dir1,dir2' (one grid collected in parts, e.g. over two working sessions; see grid_parts) ->
-    (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. Each part must
-    be a --skip_missed collection with grpo and the same rows on every seed (a part may hold only missed
-    seeds; a seed's own folder, only that seed); the parts must share every setting but the seeds and
-    out_dir, and no seed; and the grid must be complete by the plan (check_complete)."""
-    per_seed, missed, config, rows, out_dir = {}, {}, None, None, None
+    (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. `grid` is the
+    plan's grid it must be: every part ran with its settings (planned_config: its out_dir, arms and flags,
+    defaults otherwise), a --skip_missed collection whose rows are the warm-up start and its arms, every
+    measure finite (a part may hold only missed seeds; a seed's own folder, only that seed); the parts share
+    no seed; and the grid is complete by the plan (check_complete)."""
+    per_seed, missed, expected, folders = {}, {}, planned_config(grid), False
+    rows, L = {"warm-up start", *expected["arms"].split(",")}, expected["n_layer"]
+    needed = {"avgk", f"acc_L{L}", *(f"{kind}acc_L{l}" for kind in ("", "lens_", "probe_") for l in range(1, L)),
+              *(["step_acc"] if expected["task"] == "chain" else [])}  # what the report reads of an arm
     for summary, folder_seed in grid_parts(paths):
-        path = os.path.dirname(summary)
+        path, folders = os.path.dirname(summary), folders or folder_seed is not None
         try:
             with open(summary) as f:
                 saved = json.load(f)
-            part, part_missed, c = saved["per_seed"], saved.get("missed", {}), saved["config"]
-            part_rows = [list(r) for r in part.values()]
+            part, part_missed, c = dict(saved["per_seed"]), dict(saved.get("missed", {})), dict(saved["config"])
+            [int(s) for s in (*part, *part_missed)]
+            finite = all(math.isfinite(v) for row in part.values() for m in row.values() for v in m.values()
+                         if isinstance(v, (int, float)))
+            part_rows = [set(r) for r in part.values()]
+            complete = all(needed <= set(m) for row in part.values() for name, m in row.items() if name != "warm-up start")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
-        if not c.get("skip_missed") or not (part or part_missed) or any(r != (rows or part_rows[0]) for r in part_rows):
-            refuse(f"{path}: collect it with --skip_missed, every seed with the same arms")
+        differ = sorted(k for k in expected if k not in ("seeds", "resume") and c.get(k) != expected[k])
+        if differ:
+            refuse(f"{path}: it ran with other settings than the plan's grid {grid['out_dir']} "
+                   f"({', '.join(f'{k}={c.get(k)!r}' for k in differ)}): only the grids fixed in advance are tested")
+        if not (part or part_missed) or any(r != rows for r in part_rows):
+            refuse(f"{path}: it holds no seed, or a seed without the rows {', '.join(sorted(rows))}: collect it again")
+        if not finite or not complete:
+            refuse(f"{path}: a measure is {'not a finite number' if not finite else 'missing'} "
+                   f"(an arm needs {', '.join(sorted(needed))}): nothing is tested on it")
         if set(part) & set(part_missed):
             refuse(f"{path}: seeds {sorted(set(part) & set(part_missed), key=int)} are both valid and missed")
         if folder_seed is not None and set(part) | set(part_missed) != {folder_seed}:
             refuse(f"{path}: the folder of seed {folder_seed} holds the summary of seeds {sorted({*part, *part_missed})}")
-        settings = {k: v for k, v in c.items() if k not in ("seeds", "out_dir")}
-        if config is not None and settings != config:
-            refuse(f"{path}: its settings or arms differ from {paths.split(',')[0]}'s")
         if (set(part) | set(part_missed)) & (set(per_seed) | set(missed)):
             refuse(f"{path}: a seed of it is already in an earlier part")
         per_seed.update(part)
         missed.update(part_missed)
-        config, rows, out_dir = settings, rows or (part_rows[0] if part_rows else None), out_dir or c.get("out_dir")
     if not per_seed:
         refuse(f"{paths}: no seed of this grid reached RL: nothing to test")
-    check_complete(paths, per_seed, missed, plan_grid(plan, out_dir, paths))
-    return per_seed, missed, dict(config, out_dir=out_dir, seeds=",".join(sorted([*per_seed, *missed], key=int)))
+    check_complete(paths, per_seed, missed, grid, folders)
+    return per_seed, missed, dict(expected, seeds=",".join(sorted([*per_seed, *missed], key=int)))
 
 
 def read_plan(path):
-    """The scheduler's plan (research/lens_plan.json) -> {out_dir: its grid}, or exit 2 with one line."""
+    """The scheduler's plan (research/lens_plan.json) -> {role: grid or [grids]}, or exit 2 with one line.
+    The roles follow from the plan: the chain grid runs --task=chain; the strength grids share their warm-ups
+    with the addition grid; the addition grid is the other one."""
     try:
         with open(path) as f:
-            return {g["out_dir"]: g for g in json.load(f)["grids"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        refuse(f"--plan={path} is not a seed scheduler's plan ({type(e).__name__})")
+            grids = json.load(f)["grids"]
+        for g in grids:
+            planned_config(g)
+            if not (isinstance(g["first_seed"], int) and isinstance(g["valid"], int) and g["valid"] > 0):
+                raise TypeError
+        strength = [g for g in grids if "share_warmup" in g]
+        (chain,) = [g for g in grids if "--task=chain" in g["args"]]
+        (addition,) = [g for g in grids if g not in strength and g is not chain]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        refuse(f"--plan={path} is not the lens test's plan: a chain grid, an addition grid and the strength grids "
+               f"that share its warm-ups, each with first_seed and valid ({type(e).__name__})")
+    if any(g["share_warmup"] != addition["out_dir"] for g in strength):
+        refuse(f"--plan={path}: every strength grid must share the warm-ups of {addition['out_dir']}")
+    return {"chain": chain, "addition": addition, "strength": strength}
 
 
-def plan_grid(plan, out_dir, paths):
-    """The plan's grid that ran as out_dir (the out_dir in its summaries), or exit 2 with one line."""
-    if out_dir not in plan:
-        refuse(f"{paths}: its grid ran as {out_dir}, which the plan does not name ({', '.join(plan)}): "
-               "only the grids fixed in advance are tested")
-    return plan[out_dir]
+def planned_config(grid):
+    """The settings a planned grid's every seed ran with, as research/seed_scheduler.py runs it: today's
+    defaults, then the grid's args (--key=value), its out_dir and --skip_missed (--seeds and --resume
+    aside). Raises ValueError on an arg that is no flag of research/experiments.py."""
+    cfg = dict(dataclasses.asdict(ExpConfig()), out_dir=grid["out_dir"], skip_missed=True)
+    for arg in grid["args"]:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in cfg or not arg.startswith("--"):
+            raise ValueError(arg)
+        kind = type(cfg[key])
+        cfg[key] = parse_bool(value) if kind is bool else kind(value)
+    return cfg
 
 
-def check_complete(paths, per_seed, missed, grid):
+def check_complete(paths, per_seed, missed, grid, folders):
     """Exit 2 with one line unless the grid holds exactly the plan's seeds: grid['valid'] valid ones, run from
-    grid['first_seed'] with none skipped (research/seed_scheduler.py starts seeds in increasing order and
-    none once enough are valid or running). Where a seed's log and exit status are kept beside its folder
-    (seed<S>.log, seed<S>.rc, as research/assets/lens/ keeps them), every seed must have both, every kept seed
-    a summary, every status must be 0, and a log must report a missed warm-up exactly when its summary does."""
+    grid['first_seed'] with none skipped, the last one valid (research/seed_scheduler.py starts seeds in
+    increasing order and none once enough are valid or running, so a complete grid ends on a valid seed).
+    Where a seed's log and exit status are kept beside its folder (seed<S>.log, seed<S>.rc, as
+    research/assets/lens/ keeps them; a grid read from seed folders must keep them), every seed must have
+    both, every kept seed a summary, every status must be 0, and a log must report a missed warm-up exactly
+    when its summary does."""
     seeds = sorted(int(s) for s in [*per_seed, *missed])
-    if len(per_seed) != grid["valid"] or seeds != list(range(grid["first_seed"], seeds[-1] + 1)):
+    if (len(per_seed) != grid["valid"] or seeds != list(range(grid["first_seed"], seeds[-1] + 1))
+            or str(seeds[-1]) not in per_seed):
         refuse(f"{paths}: {len(per_seed)} valid of seeds {','.join(map(str, seeds))}; the plan asks for {grid['valid']} "
-               f"valid, run from {grid['first_seed']} with none skipped: the grid is not complete, and nothing is "
-               "reported before it is")
+               f"valid, run from {grid['first_seed']} with none skipped, the last one valid: the grid is not "
+               "complete, and nothing is reported before it is")
     kept = {}
     for path in paths.split(","):
         for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
             m = re.fullmatch(r"seed([0-9]+)\.(rc|log)", name)
             if m:
                 kept.setdefault(str(int(m[1])), {})[m[2]] = os.path.join(path, name)
-    if not kept:
+    if not kept and not folders:
         return  # collected in one command (research/experiments.py --seeds=...): its logs are not kept apart
     for s in sorted(set(kept) | set(map(str, seeds)), key=int):
         files = kept.get(s, {})
@@ -125,15 +159,38 @@ def check_complete(paths, per_seed, missed, grid):
                    f"seed{s}.log beside its folder)")
         if s not in per_seed and s not in missed:
             refuse(f"{files['rc']}: seed {s} ran but has no summary: it did not finish; resume it")
-        with open(files["rc"]) as f:
-            status = f.read().strip()
+        try:
+            with open(files["rc"]) as f:
+                status = f.read().strip()
+            with open(files["log"]) as f:
+                log_missed = f"seed {s}: warm-up missed" in f.read()
+        except OSError as e:
+            refuse(f"{paths}: seed {s}'s kept log or exit status cannot be read ({e.strerror or type(e).__name__})")
         if status != "0":
             refuse(f"{files['rc']}: seed {s} ended with status {status!r}: resume it")
-        with open(files["log"]) as f:
-            log_missed = f"seed {s}: warm-up missed" in f.read()
         if log_missed != (s in missed):
             refuse(f"{files['log']}: the log {'reports' if log_missed else 'does not report'} a missed warm-up and "
                    f"the summary {'does not' if log_missed else 'does'}")
+
+
+def diagnostics(path, per_seed, missed, title="Where the gradient goes"):
+    """The lines of path/gradients.md (research/gradients.py) if it is there, or exit 2 with one line unless
+    its gradients.json measured exactly the grid's valid seeds (and, as missed, none but its missed ones):
+    the diagnostics of a grid in parts are merged over the whole grid, not kept in one part."""
+    md, js = os.path.join(path, "gradients.md"), os.path.join(path, "gradients.json")
+    if not os.path.exists(md):
+        return []
+    try:
+        with open(js) as f:
+            saved = json.load(f)
+        measured, unmeasured = set(saved["per_seed"]), set(saved["missed"])
+        text = open(md).read().strip()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        refuse(f"{js}: not the diagnostics beside {md} ({type(e).__name__}); run research/gradients.py --merge")
+    if measured != set(per_seed) or not unmeasured <= set(missed):
+        refuse(f"{md}: it measured seeds {sorted(measured, key=int)}, the grid's valid seeds are "
+               f"{sorted(per_seed, key=int)}: run research/gradients.py on the grid again")
+    return [f"{title} ({md}):", "", text, ""]
 
 
 def compare(per_seed, arm, base, key):
@@ -209,15 +266,21 @@ def measured(row):
     return {k: v for k, v in row.items() if not (k.startswith(("sec_L", "lens_sec_L")) or k.endswith("seconds"))}
 
 
-def strength_lines(strength_dir, add_per_seed, plan):
-    """Each strength grid's one arm against grpo of the addition grid on the same seeds (the same warm-ups,
-    checked: the warm-up start's measures must be identical):
-    per-seed differences and their mean, exploratory (3 seeds: no test)."""
+def strength_lines(strength_dir, add_per_seed, planned):
+    """Each strength grid of the plan (strength_dir/<its out_dir's last name>; nothing else may be there) with
+    its one arm against grpo of the addition grid on the same seeds (the same warm-ups, checked: the warm-up
+    start's measures must be identical): per-seed differences and their mean, exploratory (3 seeds: no test)."""
     lines = ["| grid | arm | lambda | seeds | Avg@K - grpo, per seed (mean) | greedy - grpo (mean) | aligned exit - grpo's (mean) |",
              "|---|---|---|---|---|---|---|"]
-    out = {}
-    for grid in sorted(d for d in glob.glob(os.path.join(strength_dir, "*")) if os.path.exists(grid_parts(d)[0][0])):
-        per_seed, _, c = read_grid(grid, plan)
+    out, diags, names = {}, [], {os.path.basename(g["out_dir"]): g for g in planned}
+    there = sorted(os.listdir(strength_dir)) if os.path.isdir(strength_dir) else []
+    if sorted(names) != [n for n in there if os.path.isdir(os.path.join(strength_dir, n))]:
+        refuse(f"--strength={strength_dir} holds {', '.join(there) or 'nothing'}; the plan's strength grids are "
+               f"{', '.join(sorted(names))}, each in its own folder: every one of them, nothing else")
+    for name, g in sorted(names.items()):
+        grid = os.path.join(strength_dir, name)
+        per_seed, missed, c = read_grid(grid, g)
+        diags += diagnostics(grid, per_seed, missed, "AdamW update per group")
         (arm,) = [r for r in next(iter(per_seed.values())) if r != "warm-up start"]
         if not set(per_seed) <= set(add_per_seed):
             refuse(f"{grid}: seeds {sorted(set(per_seed) - set(add_per_seed))} are not in the addition grid")
@@ -233,7 +296,7 @@ def strength_lines(strength_dir, add_per_seed, plan):
                      + " | ".join(", ".join(f"{d:+.1f}" for d in diff[n]) + f" ({np.mean(diff[n]):+.1f})"
                                   for n in ("avgk", "greedy", "exit")) + " |")
         out[os.path.basename(grid)] = diff
-    return lines, out
+    return lines, out, diags
 
 
 def main(argv=None):
@@ -245,12 +308,14 @@ def main(argv=None):
     p.add_argument("--plan", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens_plan.json"),
                    help="the seed scheduler's plan: each grid must hold exactly its seeds")
     a = p.parse_args(argv)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        refuse(f"--out={a.out}: its folder does not exist")
     plan = read_plan(a.plan)
     report, data = ["# The lens test", ""], {}
     if a.strength and not a.addition:
         refuse("--strength needs --addition: its grids are paired with the addition grid's grpo")
     for name, path in (("chain", a.chain), ("addition", a.addition)) if a.addition else (("chain", a.chain),):
-        per_seed, missed, c = read_grid(path, plan)
+        per_seed, missed, c = read_grid(path, plan[name])
         arms = [r for r in next(iter(per_seed.values())) if r not in ("warm-up start", "grpo")]
         seeds = sorted(per_seed, key=int)
         report += [f"## {name} (`{path}`): {len(seeds)} valid seeds ({','.join(seeds)}); missed warm-ups (no RL): "
@@ -269,15 +334,12 @@ def main(argv=None):
             report += [f"`grpo_ce_exits` against `{PRIMARY}`:", ""] + lines + [""]
         if name == "addition":
             add_per_seed = per_seed  # the strength grids' grpo: the same seeds and warm-ups
-        for diag in [os.path.join(part, "gradients.md") for part in path.split(",")]:
-            if os.path.exists(diag):
-                report += [f"Where the gradient goes ({diag}):", "", open(diag).read().strip(), ""]
+        for part in path.split(","):
+            report += diagnostics(part, per_seed, missed)
     if a.strength:
-        lines, data["strength"] = strength_lines(a.strength, add_per_seed, plan)
+        lines, data["strength"], diags = strength_lines(a.strength, add_per_seed, plan["strength"])
         report += ["## The strength of the terms (exploratory; against the addition grid's grpo on the same seeds)",
-                   "", *lines, ""]
-        for diag in sorted(glob.glob(os.path.join(a.strength, "*", "gradients.md"))):
-            report += [f"AdamW update per group ({diag}):", "", open(diag).read().strip(), ""]
+                   "", *lines, "", *diags]
     text = "\n".join(report)
     write_atomic(a.out, text + "\n")
     write_atomic(os.path.splitext(a.out)[0] + ".json", json.dumps(data, indent=1, default=float))

@@ -34,22 +34,40 @@ def write_grid(path, per_seed, missed=None, **config):
         json.dump({"config": cfg, "per_seed": per_seed, "missed": missed or {}}, f)
 
 
+CHAIN = dict(task="chain", digits=3, arms="grpo,oisd_lens,oisd_pos_lens")  # the settings each grid ran with
+ADD = dict(arms="grpo,oisd_lens,grpo_ce_exits")
+LOGIT10 = dict(arms="logit_only", exit_norm="ln_f", lambda_logit=10.0)
+CHAIN_SEEDS = ["200", "201", "202", "204", "205", "206"]  # and 203, whose warm-up missed
+
+
+def flags(settings):
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
 def grids(tmp_path, lens_minus_grpo):
-    """A chain grid whose oisd_lens - grpo Avg@K per seed is lens_minus_grpo, an addition grid, one strength grid."""
+    """A chain grid whose oisd_lens - grpo Avg@K per seed is lens_minus_grpo, an addition grid, one strength
+    grid, and the plan they ran by."""
     grpo = [0.40, 0.45, 0.50, 0.42, 0.48, 0.44]
-    chain = {str(200 + i): {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g + d),
-                            "oisd_pos_lens": measures(g, exit_acc=0.6)}
-             for i, (g, d) in enumerate(zip(grpo, lens_minus_grpo))}
-    write_grid(tmp_path / "chain", chain, missed={"206": 0.31}, task="chain", digits=3)
+    chain = {s: {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g + d),
+                 "oisd_pos_lens": measures(g, exit_acc=0.6)} for s, g, d in zip(CHAIN_SEEDS, grpo, lens_minus_grpo)}
+    write_grid(tmp_path / "chain", chain, missed={"203": 0.31}, **CHAIN)
     add = {str(300 + i): {"warm-up start": measures(0.3), "grpo": measures(g), "oisd_lens": measures(g),
                           "grpo_ce_exits": measures(g - 0.01, exit_acc=0.5)} for i, g in enumerate(grpo[:4])}
-    write_grid(tmp_path / "add", add)
+    write_grid(tmp_path / "add", add, **ADD)
     strength = {str(300 + i): {"warm-up start": measures(0.3), "logit_only": measures(g + 0.02 * (i + 1))}
                 for i, g in enumerate(grpo[:3])}
-    write_grid(tmp_path / "strength" / "logit10", strength, arms="logit_only", exit_norm="ln_f", lambda_logit=10.0)
-    plan = [("runs/chain", 200, 6), ("runs/add", 300, 4), ("runs/logit10", 300, 3)]
-    (tmp_path / "plan.json").write_text(json.dumps({"grids": [dict(out_dir=o, first_seed=f, valid=v) for o, f, v in plan]}))
+    write_grid(tmp_path / "strength" / "logit10", strength, **LOGIT10)
+    plan = [dict(out_dir="runs/chain", args=flags(CHAIN), first_seed=200, valid=6),
+            dict(out_dir="runs/add", args=flags(ADD), first_seed=300, valid=4),
+            dict(out_dir="runs/logit10", args=flags(LOGIT10), first_seed=300, valid=3, share_warmup="runs/add")]
+    (tmp_path / "plan.json").write_text(json.dumps({"grids": plan}))
     return grpo
+
+
+def write_diagnostics(path, seeds, text):
+    """path/gradients.md and the gradients.json beside it, as research/gradients.py writes them, of seeds."""
+    (path / "gradients.md").write_text(text)
+    (path / "gradients.json").write_text(json.dumps({"config": {}, "per_seed": {s: {} for s in seeds}, "missed": {}}))
 
 
 def main(tmp_path, args):
@@ -77,13 +95,13 @@ def test_primary_test_and_its_verdict(tmp_path, capsys, diffs, verdict):
     assert got["mean"] == pytest.approx(d.mean()) and got["t"] == pytest.approx(t)
     assert got["hi"] - got["mean"] == pytest.approx(2.571 * d.std(ddof=1) / math.sqrt(n))  # t_0.975 with 5 df
     assert got["paper_effect"] == pytest.approx(100 * (64.75 / 55.08 - 1) * np.mean(grpo))
-    assert f"**{verdict}**" in text and "206 (31.0%)" in text
-    assert data["chain"]["seeds"] == [str(s) for s in range(200, 206)]
+    assert f"**{verdict}**" in text and "203 (31.0%)" in text
+    assert data["chain"]["seeds"] == CHAIN_SEEDS
 
 
 def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsys):
     grids(tmp_path, [0.01] * 6)
-    (tmp_path / "chain" / "gradients.md").write_text("| the chain's diagnostics |\n")
+    write_diagnostics(tmp_path / "chain", CHAIN_SEEDS, "| the chain's diagnostics |\n")
     data, text = run(tmp_path, capsys)
     assert "| the chain's diagnostics |" in text
     assert math.isnan(data["chain"]["primary"]["p"])  # every difference equal: t undefined, no verdict of an effect
@@ -100,27 +118,26 @@ def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsy
 
 def test_refusals_are_one_line(tmp_path, capsys):
     grids(tmp_path, [0.01, 0.02, 0.0, 0.03, -0.01, 0.02])
-    other = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))["per_seed"]
-    timed = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))
-    for s in timed["per_seed"]:  # the same warm-up, timed again: still paired
-        timed["per_seed"][s]["warm-up start"].update(sec_L4=1.0 + int(s), lens_sec_L2=0.5)
-    write_grid(tmp_path / "strength" / "logit10", timed["per_seed"], arms="logit_only", exit_norm="ln_f", lambda_logit=10.0)
+    saved = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))["per_seed"]
+    timed = json.loads(json.dumps(saved))
+    for s in timed:  # the same warm-up, timed again: still paired
+        timed[s]["warm-up start"].update(sec_L4=1.0 + int(s), lens_sec_L2=0.5)
+    write_grid(tmp_path / "strength" / "logit10", timed, **LOGIT10)
     main(tmp_path, [f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}",
                     f"--strength={tmp_path / 'strength'}", f"--out={tmp_path / 'timed.md'}"])
     assert "| logit10 |" in capsys.readouterr().out
+    other = json.loads(json.dumps(saved))
     other["301"]["warm-up start"] = measures(0.32)  # another machine's warm-up of seed 301
-    write_grid(tmp_path / "strength" / "other", other, arms="logit_only", exit_norm="ln_f", out_dir="runs/logit10")
+    write_grid(tmp_path / "strength" / "logit10", other, **LOGIT10)
     with pytest.raises(SystemExit) as e:
         main(tmp_path, [f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}",
                         f"--strength={tmp_path / 'strength'}", f"--out={tmp_path / 'x.md'}"])
     assert e.value.code == 2 and "seed 301's warm-up start differs" in capsys.readouterr().err
-    (tmp_path / "strength" / "other" / "summary.json").unlink()
-    write_grid(tmp_path / "strength" / "bad", {"399": {"warm-up start": measures(0.3), "attn_only": measures(0.4)}},
-               arms="attn_only")
+    write_grid(tmp_path / "strength" / "logit10", saved, **LOGIT10)
     for args in ([f"--chain={tmp_path / 'none'}", f"--addition={tmp_path / 'add'}"],
-                 [f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--strength={tmp_path / 'strength'}"]):
+                 [f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'no' / 'x.md'}"]):
         with pytest.raises(SystemExit) as e:
-            main(tmp_path, args + [f"--out={tmp_path / 'x.md'}"])
+            main(tmp_path, [f"--out={tmp_path / 'x.md'}", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
     with pytest.raises(SystemExit) as e:  # the strength grids pair with the addition grid
@@ -128,10 +145,11 @@ def test_refusals_are_one_line(tmp_path, capsys):
     assert e.value.code == 2 and "--strength needs --addition" in capsys.readouterr().err
     main(tmp_path, [f"--chain={tmp_path / 'chain'}", f"--out={tmp_path / 'chain_only.md'}"])  # the chain alone
     assert "addition" not in json.load(open(tmp_path / "chain_only.json")) and "Primary" in capsys.readouterr().out
-    write_grid(tmp_path / "chain", json.load(open(tmp_path / "chain" / "summary.json"))["per_seed"], skip_missed=False)
+    write_grid(tmp_path / "chain", json.load(open(tmp_path / "chain" / "summary.json"))["per_seed"], **CHAIN,
+               missed={"203": 0.31}, skip_missed=False)
     with pytest.raises(SystemExit) as e:
         main(tmp_path, [f"--chain={tmp_path / 'chain'}", f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'x.md'}"])
-    assert e.value.code == 2 and "--skip_missed" in capsys.readouterr().err
+    assert e.value.code == 2 and "skip_missed=False" in capsys.readouterr().err
 
 
 def test_a_grid_collected_in_two_parts_reads_as_one(tmp_path, capsys):
@@ -140,7 +158,7 @@ def test_a_grid_collected_in_two_parts_reads_as_one(tmp_path, capsys):
     saved = json.load(open(tmp_path / "chain" / "summary.json"))
     seeds = sorted(saved["per_seed"])
     for name, part, missed in (("p1", seeds[:2], saved["missed"]), ("p2", seeds[2:], {})):
-        write_grid(tmp_path / name, {s: saved["per_seed"][s] for s in part}, missed=missed, task="chain", digits=3,
+        write_grid(tmp_path / name, {s: saved["per_seed"][s] for s in part}, missed=missed, **CHAIN,
                    seeds=",".join(part), out_dir="runs/chain")
     out = [f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'parts.md'}"]
     main(tmp_path, [f"--chain={tmp_path / 'p1'},{tmp_path / 'p2'}", *out])
@@ -153,37 +171,15 @@ def test_a_grid_collected_in_two_parts_reads_as_one(tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1, err
 
 
-def test_a_folder_of_each_seeds_own_summary_reads_as_the_grid(tmp_path, capsys):
-    """What each seed's process writes (a summary of that seed alone; a missed warm-up's holds only the miss)
-    and research/assets/lens/ keeps as seed<S>/summary.json reads as the grid collected in one piece."""
-    grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
-    whole, _ = run(tmp_path, capsys)
+def kept_seeds(tmp_path, kept=None):
+    """The chain grid of grids() kept as research/assets/lens/ keeps a grid: seed<S>/summary.json (what each
+    seed's process writes: that seed alone; a missed warm-up's holds only the miss), seed<S>.rc and
+    seed<S>.log (a missed warm-up's log says so, as research/experiments.py --skip_missed prints it)."""
     saved = json.load(open(tmp_path / "chain" / "summary.json"))
-    for s in [*saved["per_seed"], *saved["missed"]]:
-        write_grid(tmp_path / "seeds" / f"seed{s}", {s: saved["per_seed"][s]} if s in saved["per_seed"] else {},
-                   missed={s: saved["missed"][s]} if s in saved["missed"] else {}, task="chain", digits=3, seeds=s,
-                   out_dir="runs/chain")
-    (tmp_path / "seeds" / "gradients.md").write_text("| the diagnostics of every seed |\n")
-    out = [f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'seeds.md'}"]
-    main(tmp_path, [f"--chain={tmp_path / 'seeds'}", *out])
-    assert json.load(open(tmp_path / "seeds.json"))["chain"] == whole["chain"]
-    assert "| the diagnostics of every seed |" in (tmp_path / "seeds.md").read_text()
-    only_missed = tmp_path / "missed_only" / "seed206"
-    write_grid(only_missed, {}, missed={"206": 0.31}, task="chain", digits=3, seeds="206", out_dir="runs/chain")
-    with pytest.raises(SystemExit) as e:
-        main(tmp_path, [f"--chain={only_missed.parent}", *out])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "no seed of this grid reached RL" in err and err.count("\n") == 1, err
-
-
-def kept_seeds(tmp_path):
-    """The chain grid of grids() kept as research/assets/lens/ keeps a grid: seed<S>/summary.json, seed<S>.rc
-    and seed<S>.log (a missed warm-up's log says so, as research/experiments.py --skip_missed prints it)."""
-    saved = json.load(open(tmp_path / "chain" / "summary.json"))
-    kept = tmp_path / "kept"
+    kept = kept or tmp_path / "kept"
     for s in [*saved["per_seed"], *saved["missed"]]:
         write_grid(kept / f"seed{s}", {s: saved["per_seed"][s]} if s in saved["per_seed"] else {},
-                   missed={s: saved["missed"][s]} if s in saved["missed"] else {}, task="chain", digits=3, seeds=s,
+                   missed={s: saved["missed"][s]} if s in saved["missed"] else {}, **CHAIN, seeds=s,
                    out_dir="runs/chain")
         (kept / f"seed{s}.rc").write_text("0\n")
         (kept / f"seed{s}.log").write_text(f"seed {s}: warm-up missed (31.0% < 50%); no RL (--skip_missed)\n"
@@ -191,9 +187,32 @@ def kept_seeds(tmp_path):
     return kept
 
 
-def refusal(tmp_path, capsys, chain):
+def test_a_folder_of_each_seeds_own_summary_reads_as_the_grid(tmp_path, capsys):
+    """A grid kept seed by seed reads as the grid collected in one piece, its diagnostics with it."""
+    grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
+    whole, _ = run(tmp_path, capsys)
+    seeds = kept_seeds(tmp_path, tmp_path / "seeds")
+    write_diagnostics(seeds, CHAIN_SEEDS, "| the diagnostics of every seed |\n")
+    out = [f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'seeds.md'}"]
+    main(tmp_path, [f"--chain={seeds}", *out])
+    assert json.load(open(tmp_path / "seeds.json"))["chain"] == whole["chain"]
+    assert "| the diagnostics of every seed |" in (tmp_path / "seeds.md").read_text()
+    write_diagnostics(seeds, CHAIN_SEEDS[:-1], "| the diagnostics of five seeds |\n")  # a stale merge
     with pytest.raises(SystemExit) as e:
-        main(tmp_path, [f"--chain={chain}", f"--out={tmp_path / 'x.md'}"])
+        main(tmp_path, [f"--chain={seeds}", *out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "run research/gradients.py on the grid again" in err and err.count("\n") == 1, err
+    only_missed = tmp_path / "missed_only" / "seed203"
+    write_grid(only_missed, {}, missed={"203": 0.31}, **CHAIN, seeds="203", out_dir="runs/chain")
+    with pytest.raises(SystemExit) as e:
+        main(tmp_path, [f"--chain={only_missed.parent}", *out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no seed of this grid reached RL" in err and err.count("\n") == 1, err
+
+
+def refusal(tmp_path, capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(tmp_path, [*args, f"--out={tmp_path / 'x.md'}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     return err
@@ -205,18 +224,36 @@ def test_nothing_is_reported_before_the_plans_seeds_are_complete(tmp_path, capsy
     main(tmp_path, [f"--chain={kept}", f"--out={tmp_path / 'kept.md'}"])  # complete: reported
     assert "Primary" in capsys.readouterr().out
     saved = json.load(open(tmp_path / "chain" / "summary.json"))
-    cases = [  # (what is changed, how the grid is then not the plan's, complete)
-        (lambda: write_grid(tmp_path / "chain", {s: m for s, m in saved["per_seed"].items() if s != "205"},
-                            missed={"206": 0.31}, task="chain", digits=3), "chain", "5 valid of seeds 200,201,202,203,204,206"),
-        (lambda: write_grid(tmp_path / "chain", saved["per_seed"], missed={"207": 0.31}, task="chain", digits=3),
+    nan = json.loads(json.dumps(saved["per_seed"]))
+    nan["204"]["oisd_lens"]["avgk"] = float("nan")
+    lacking = json.loads(json.dumps(saved["per_seed"]))
+    del lacking["204"]["oisd_lens"]["avgk"]
+    chain = tmp_path / "chain"
+    cases = [  # (what is changed, the grid then read, what the refusal says)
+        (lambda: write_grid(chain, {s: m for s, m in saved["per_seed"].items() if s != "205"},
+                            missed={"203": 0.31}, **CHAIN), "chain", "5 valid of seeds 200,201,202,203,204,206"),
+        (lambda: write_grid(chain, saved["per_seed"], missed={"207": 0.31}, **CHAIN),
          "chain", "run from 200 with none skipped"),
-        (lambda: write_grid(tmp_path / "chain", saved["per_seed"], missed={"206": 0.31}, task="chain", digits=3,
-                            out_dir="runs/chain_tuned"), "chain", "which the plan does not name"),
+        (lambda: write_grid(chain, saved["per_seed"], missed={"203": 0.31, "207": 0.2}, **CHAIN),
+         "chain", "the last one valid"),
+        (lambda: write_grid(chain, saved["per_seed"], missed={"203": 0.31}, **CHAIN, out_dir="runs/chain_tuned"),
+         "chain", "other settings than the plan's grid runs/chain (out_dir='runs/chain_tuned')"),
+        (lambda: write_grid(chain, saved["per_seed"], missed={"203": 0.31}, **dict(CHAIN, digits=2)),
+         "chain", "(digits=2)"),
+        (lambda: write_grid(chain, nan, missed={"203": 0.31}, **CHAIN), "chain", "not a finite number"),
+        (lambda: write_grid(chain, lacking, missed={"203": 0.31}, **CHAIN), "chain", "a measure is missing"),
+        (lambda: write_grid(chain, {"2o4" if s == "204" else s: m for s, m in saved["per_seed"].items()},
+                            missed={"203": 0.31}, **CHAIN), "chain", "is not a grid summary (ValueError)"),
+        (lambda: (chain / "summary.json").write_text(json.dumps(dict(saved, config=5))), "chain",
+         "is not a grid summary (TypeError)"),
         (lambda: (kept / "seed203.rc").write_text("137\n"), "kept", "seed 203 ended with status '137'"),
         (lambda: (kept / "seed206.log").unlink(), "kept", "seed 206 has no kept log"),
+        (lambda: [p.unlink() for p in kept.glob("seed*.*")], "kept", "seed 200 has no kept log"),
+        (lambda: (kept / "seed205.rc").unlink() or (kept / "seed205.rc").mkdir(), "kept",
+         "seed 205's kept log or exit status cannot be read"),
         (lambda: (kept / "seed201.log").write_text("seed 201: warm-up missed (8.5% < 50%)\n"), "kept",
          "the log reports a missed warm-up and the summary does not"),
-        (lambda: (kept / "seed206.log").write_text("seed 206: done\n"), "kept",
+        (lambda: (kept / "seed203.log").write_text("seed 203: done\n"), "kept",
          "the log does not report a missed warm-up and the summary does"),
         (lambda: [(kept / "seed207.rc").write_text("0\n"), (kept / "seed207.log").write_text("")], "kept",
          "seed 207 ran but has no summary"),
@@ -224,8 +261,8 @@ def test_nothing_is_reported_before_the_plans_seeds_are_complete(tmp_path, capsy
          "kept", "the folder of seed 204 holds the summary of seeds ['205']"),
         (lambda: (kept / "seed2x").mkdir() or (kept / "seed2x" / "summary.json").write_text("{}"), "kept",
          "named seed<integer>, not 'seed2x'"),
-        (lambda: write_grid(kept / "seed202", {"202": saved["per_seed"]["202"]}, missed={"202": 0.2}, task="chain",
-                            digits=3, seeds="202", out_dir="runs/chain"), "kept", "both valid and missed"),
+        (lambda: write_grid(kept / "seed202", {"202": saved["per_seed"]["202"]}, missed={"202": 0.2}, **CHAIN,
+                            seeds="202", out_dir="runs/chain"), "kept", "both valid and missed"),
     ]
     for change, grid, message in cases:
         grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
@@ -233,4 +270,24 @@ def test_nothing_is_reported_before_the_plans_seeds_are_complete(tmp_path, capsy
             shutil.rmtree(tmp_path / "kept")
         kept = kept_seeds(tmp_path)
         change()
-        assert message in refusal(tmp_path, capsys, tmp_path / grid), message
+        assert message in refusal(tmp_path, capsys, f"--chain={tmp_path / grid}"), message
+
+
+def test_each_grid_is_read_as_the_plans_grid_of_its_role(tmp_path, capsys):
+    """The chain grid is the plan's --task=chain grid, the addition grid the one the strength grids share
+    warm-ups with, and the strength folder holds exactly the plan's strength grids."""
+    grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
+    chain, add, strength = (f"--{role}={tmp_path / name}" for role, name in
+                            (("chain", "chain"), ("addition", "add"), ("strength", "strength")))
+    assert "plan's grid runs/chain" in refusal(tmp_path, capsys, f"--chain={tmp_path / 'add'}")
+    assert "plan's grid runs/add" in refusal(tmp_path, capsys, chain, f"--addition={tmp_path / 'chain'}")
+    write_grid(tmp_path / "strength" / "logit1", {}, missed={"300": 0.2}, **LOGIT10)  # a grid the plan lacks
+    assert "nothing else" in refusal(tmp_path, capsys, chain, add, strength)
+    shutil.rmtree(tmp_path / "strength" / "logit1")
+    shutil.move(tmp_path / "strength" / "logit10", tmp_path / "logit10")  # a planned grid missing
+    assert "the plan's strength grids are logit10" in refusal(tmp_path, capsys, chain, add, strength)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    for broken in (dict(plan["grids"][0], valid="6"), dict(plan["grids"][0], args=["--no_such_flag=1"]),
+                   dict(plan["grids"][0], args=[])):  # a count that is no int, a flag that is none, no chain grid
+        (tmp_path / "plan.json").write_text(json.dumps({"grids": [broken, *plan["grids"][1:]]}))
+        assert "is not the lens test's plan" in refusal(tmp_path, capsys, chain)
