@@ -430,19 +430,25 @@ def merge(folder):
     parts = seed_folders(folder, "gradients.json")
     if not parts:
         refuse(f"--merge: {folder} holds no seed*/gradients.json")
-    per_seed, missed, config = {}, {}, None
+    per_seed, missed, config, fields = {}, {}, None, {f.name for f in dataclasses.fields(GradConfig)}
     for seed, path in parts:
-        with open(path) as f:
-            saved = json.load(f)
-        if set(saved["per_seed"]) | set(saved["missed"]) != {seed}:
-            refuse(f"--merge: {path} measured seeds {sorted({*saved['per_seed'], *saved['missed']})}, not its folder's {seed}")
-        settings = {k: v for k, v in saved["config"].items() if k not in ("seeds", "out_dir")}
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            part, part_missed = dict(saved["per_seed"]), dict(saved["missed"])
+            settings = {k: v for k, v in dict(saved["config"]).items() if k not in ("seeds", "out_dir")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            refuse(f"--merge: {path} is not this script's gradients.json ({type(e).__name__})")
+        if set(part) | set(part_missed) != {seed} or len(part) + len(part_missed) != 1:
+            refuse(f"--merge: {path} measured seeds {sorted({*part, *part_missed})} (valid and missed), not its folder's {seed} alone")
+        if not set(settings) <= fields:
+            refuse(f"--merge: {path} was measured with settings this script lacks ({', '.join(sorted(set(settings) - fields))})")
         if config is not None and settings != config:
             refuse(f"--merge: {path} was measured with other settings than {parts[0][1]}")
-        if (set(saved["per_seed"]) | set(saved["missed"])) & (set(per_seed) | set(missed)):
-            refuse(f"--merge: a seed of {path} is already in another part")
-        per_seed.update(saved["per_seed"])
-        missed.update(saved["missed"])
+        if seed in per_seed or seed in missed:
+            refuse(f"--merge: seed {seed} is in two folders ({path} and another)")
+        per_seed.update(part)
+        missed.update(part_missed)
         config = settings
     seeds = sorted([*per_seed, *missed], key=int)
     cfg = GradConfig(**dict(config, seeds=",".join(seeds), out_dir=folder))

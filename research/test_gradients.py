@@ -157,7 +157,8 @@ def test_end_to_end_on_a_tiny_grid_and_refusals(tmp_path, capsys, monkeypatch):
 
 def test_merge_of_per_seed_runs_reads_as_one_run_over_every_seed(tmp_path, capsys):
     """Two one-seed runs kept as seed<S>/gradients.json merge into the tables of both seeds: each cell the
-    mean of the two; other settings, or one seed twice, are refused with one line."""
+    mean of the two; other settings, one seed twice, a seed both measured and missed, a setting the script
+    lacks, or a file that is not its gradients.json are refused with one line."""
     grid = [f"--out_dir={tmp_path}", *GRID, "--rl_steps=1", "--eval_every=1", "--probe_steps=1"]
     experiments.main(grid + ["--arms=grpo,oisd_lens"])
     gradients.main(grid + ["--arms=grpo,oisd_lens", "--diag_batches=1", "--diag_groups=2"])
@@ -183,12 +184,26 @@ def test_merge_of_per_seed_runs_reads_as_one_run_over_every_seed(tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and "other settings" in err and err.count("\n") == 1, err
     shutil.rmtree(tmp_path / "kept" / "seed2")
-    for folder, saved, message in (("seed3", two, "measured seeds ['1'], not its folder's 3"),  # seed 1's run in seed 3's folder
-                                   ("seedx", one, "named seed<integer>, not 'seedx'")):
+    two = json.loads((tmp_path / "kept" / "seed1" / "gradients.json").read_text())  # as kept, with seed 0's settings
+    both = json.loads(json.dumps(two))
+    both["missed"] = {"1": 0.2}  # seed 1 measured and missed at once
+    unknown = dict(two, config=dict(two["config"], no_such_setting=1))
+    for folder, saved, message in (("seed3", two, "measured seeds ['1'] (valid and missed), not its folder's 3"),
+                                   ("seedx", one, "named seed<integer>, not 'seedx'"),
+                                   ("seed01", two, "seed 1 is in two folders"),  # seed01 and seed1: one seed twice
+                                   ("seed1", both, "not its folder's 1 alone"),
+                                   ("seed1", unknown, "settings this script lacks (no_such_setting)"),
+                                   ("seed1", "{not json", "is not this script's gradients.json (JSONDecodeError)"),
+                                   ("seed1", dict(two, missed=None), "(TypeError)")):
+        if folder == "seed1":
+            shutil.rmtree(tmp_path / "kept" / "seed1")
         (tmp_path / "kept" / folder).mkdir()
-        (tmp_path / "kept" / folder / "gradients.json").write_text(json.dumps(saved))
+        (tmp_path / "kept" / folder / "gradients.json").write_text(saved if isinstance(saved, str) else json.dumps(saved))
         with pytest.raises(SystemExit) as e:
             gradients.main([f"--merge={tmp_path / 'kept'}"])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, (message, err)
         shutil.rmtree(tmp_path / "kept" / folder)
+        if folder == "seed1":
+            (tmp_path / "kept" / "seed1").mkdir()
+            (tmp_path / "kept" / "seed1" / "gradients.json").write_text(json.dumps(two))
