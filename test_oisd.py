@@ -340,7 +340,7 @@ def test_where_the_logit_terms_gradient_lands_under_each_exit_norm():
         assert own[name] is None or own[name].abs().max() == 0, name
     lens = alignment_grads(tiny_model("ln_f"), weights, "logit")
     assert lens["transformer.ln_f.weight"].abs().max() > 0 and lens["transformer.ln_f.bias"].abs().max() > 0
-    for grads in (own, lens):
+    for grads in (own, lens, alignment_grads(tiny_model("ln_f_frozen"), weights, "logit")):
         for name, g in grads.items():
             if name.startswith(("transformer.h.1.", "transformer.h.2.")):
                 assert g is None or g.abs().max() == 0, name
@@ -349,7 +349,8 @@ def test_where_the_logit_terms_gradient_lands_under_each_exit_norm():
 def test_frozen_lens_trains_only_the_trunk_below_and_the_input_embedding():
     """exit_norm='ln_f_frozen' gives the lens's numbers, but its gradient skips ln_f and the unembedding:
     wte's gradient is the one an untied copy of the model gives its input embedding alone, so the rows of
-    tokens absent from the input get exactly zero (through the unembedding every row would move)."""
+    tokens absent from the input get exactly zero (through the unembedding every row would move). The final
+    layer is not an exit: a loss on it trains ln_f and the unembedding exactly as under the lens."""
     weights = torch.tensor([1.0, 0.5, 2.0, 0.3])
     frozen, lens = tiny_model("ln_f_frozen"), tiny_model("ln_f")
     seq, P, _ = oisd_batch()
@@ -365,6 +366,13 @@ def test_frozen_lens_trains_only_the_trunk_below_and_the_input_embedding():
     assert alignment_grads(lens, weights, "logit")["transformer.wte.weight"][absent].abs().max() > 0
     assert g["transformer.h.0.attn.c_attn.weight"].abs().max() > 0
     torch.testing.assert_close(g["transformer.h.0.attn.c_attn.weight"], g_untied["transformer.h.0.attn.c_attn.weight"])
+    for model in (frozen, lens):  # the final layer still reads through ln_f and the unembedding, with their gradient
+        model.zero_grad()
+        model(seq)[0].square().mean().backward()
+    for name in ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"):
+        final = frozen.get_parameter(name).grad
+        assert final is not None and final.abs().max() > 0, name
+        torch.testing.assert_close(final, lens.get_parameter(name).grad, rtol=0, atol=0)
 
 
 def test_lens_arms_change_only_the_exit_norm():
@@ -551,6 +559,32 @@ def test_generation_stops_rows_at_eos():
                      atol=1e-5, rtol=1e-5)
     assert stopped_early and padded, (f"the naive loop's rows {free} give no EOS id that stops both rows early "
                                       f"({stopped_early}) or pads a finished row ({padded}): pick another seed")
+
+
+def test_sampled_rows_are_padded_after_their_eos():
+    """The GRPO path: sampled rollouts (temperature 0.8, 3 per prompt) keep emitting EOS once a row has
+    emitted it, stop once every row has, and report the model's own log-probability at the temperature for
+    every token, the padding included. Each token the sampler emits is tried as the EOS id; among them must
+    be one after which a finished row is padded while another goes on."""
+    model, new, T = tiny_model(seed=5), 10, 0.8
+    idx = torch.tensor([[12, 2, 4, 3], [12, 11, 7, 4]])
+    free, _ = model.generate(idx, new, T, 3, generator=torch.Generator().manual_seed(0))
+    padded = False
+    for eos in sorted(set(free[:, 4:].flatten().tolist())):
+        out, logp = model.generate(idx, new, T, 3, eos, torch.Generator().manual_seed(0))
+        what = f"generate(2 prompts x 3 samples, {new} new tokens, temperature {T}, eos_id={eos})"
+        rows = out[:, 4:].tolist()
+        firsts = [row.index(eos) if eos in row else None for row in rows]  # each row's first EOS, if any
+        length = new if None in firsts else max(firsts) + 1
+        assert len(rows[0]) == length, f"{what}: {len(rows[0])} tokens, expected {length} (first EOS per row: {firsts})"
+        for r, (row, f) in enumerate(zip(rows, firsts)):
+            assert f is None or row[f:] == [eos] * (length - f), f"{what}: row {r} goes on after its EOS: {row}"
+        padded |= any(f is not None and f + 1 < length for f in firsts)
+        with torch.no_grad():
+            expect = token_logprobs(model(out[:, :-1])[0][:, 3:], out[:, 4:], T)
+        assert_close(logp, expect, f"log-probabilities of {what}, against the model's own at temperature {T}",
+                     atol=1e-5, rtol=1e-5)
+    assert padded, f"no EOS id among the samples {free[:, 4:].tolist()} pads a finished row: pick another seed"
 
 
 def test_sampling_draws_from_the_softmax_at_the_temperature():
