@@ -446,7 +446,7 @@ def seed_folders(folder, filename):
     """folder/seed<S>/filename, each seed's own file as research/assets/ keeps them -> [(S, path)] in increasing
     S, or exit 2 with one line if a seed folder holding filename is not named seed<integer>."""
     found = []
-    for path in glob.glob(os.path.join(folder, "seed*", filename)):
+    for path in glob.glob(os.path.join(glob.escape(folder), "seed*", glob.escape(filename))):
         name = os.path.basename(os.path.dirname(path))
         if not re.fullmatch(r"seed[0-9]+", name):
             refuse(f"{os.path.dirname(path)}: a seed's folder is named seed<integer>, not {name!r}")

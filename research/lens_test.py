@@ -222,11 +222,11 @@ def primary(per_seed, c):
     lines = [f"**Primary (confirmatory): chain, final-layer Avg@{c['avg_k']}, {PRIMARY} - grpo, n = {t['n']}.** "
              f"{t['mean']:+.1f} points [{t['lo']:+.1f}, {t['hi']:+.1f}] (95% t-interval), t = {t['t']:.2f}, "
              f"p = {t['p']:.3f} (paired t, two-sided), Wilcoxon signed-rank p = {t['p_wilcoxon']:.3f} (exact), "
-             f"minimum detectable effect {t['mde']:.1f} points (80% power). Verdict by the rule fixed in advance: "
+             f"minimum detectable effect {t['mde']:.1f} points (80% power, two-sided α = 0.05, at the observed spread). Verdict by the rule fixed in advance: "
              f"**{verdict}**.", "",
              f"Per seed (points): {diffs}.", "",
              f"The paper's relative gain (+{100 * PAPER_RELATIVE_GAIN:.1f}%) at this grpo's Avg@{c['avg_k']} is "
-             f"+{paper:.1f} points; the interval {'excludes' if t['hi'] < paper else 'does not exclude'} it."]
+             f"+{paper:.1f} points; the interval {'excludes' if t['hi'] < paper or t['lo'] > paper else 'does not exclude'} it."]
     return lines, dict(t, verdict=verdict, paper_effect=paper)
 
 
@@ -266,7 +266,7 @@ def measured(row):
     return {k: v for k, v in row.items() if not (k.startswith(("sec_L", "lens_sec_L")) or k.endswith("seconds"))}
 
 
-def strength_lines(strength_dir, add_per_seed, planned):
+def strength_lines(strength_dir, add_per_seed, add_missed, planned):
     """Each strength grid of the plan (strength_dir/<its out_dir's last name>; nothing else may be there) with
     its one arm against grpo of the addition grid on the same seeds (the same warm-ups, checked: the warm-up
     start's measures must be identical): per-seed differences and their mean, exploratory (3 seeds: no test)."""
@@ -282,8 +282,9 @@ def strength_lines(strength_dir, add_per_seed, planned):
         per_seed, missed, c = read_grid(grid, g)
         diags += diagnostics(grid, per_seed, missed, "AdamW update per group")
         (arm,) = [r for r in next(iter(per_seed.values())) if r != "warm-up start"]
-        if not set(per_seed) <= set(add_per_seed):
-            refuse(f"{grid}: seeds {sorted(set(per_seed) - set(add_per_seed))} are not in the addition grid")
+        if not set(per_seed) <= set(add_per_seed) or not set(missed) <= set(add_missed):
+            refuse(f"{grid}: its valid and missed seeds are not the addition grid's: their warm-ups differ; run both "
+                   "on one machine")
         seeds, L = sorted(per_seed, key=int), c["n_layer"]
         for s in seeds:  # paired only from one warm-up: a warm-up made on another machine rounds differently
             if measured(per_seed[s]["warm-up start"]) != measured(add_per_seed[s]["warm-up start"]):
@@ -297,6 +298,17 @@ def strength_lines(strength_dir, add_per_seed, planned):
                                   for n in ("avgk", "greedy", "exit")) + " |")
         out[os.path.basename(grid)] = diff
     return lines, out, diags
+
+
+def finite_or_null(x):
+    """x with every NaN or infinity (an undefined t, say) as None, so that the JSON is strict; numpy numbers as floats."""
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_null(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return int(x) if isinstance(x, np.integer) else x
 
 
 def main(argv=None):
@@ -333,16 +345,16 @@ def main(argv=None):
             lines, data[name]["ce_vs_lens"] = arm_table(per_seed, c, ["grpo_ce_exits"], base=PRIMARY)
             report += [f"`grpo_ce_exits` against `{PRIMARY}`:", ""] + lines + [""]
         if name == "addition":
-            add_per_seed = per_seed  # the strength grids' grpo: the same seeds and warm-ups
+            add_per_seed, add_missed = per_seed, missed  # the strength grids' grpo: the same seeds and warm-ups
         for part in path.split(","):
             report += diagnostics(part, per_seed, missed)
     if a.strength:
-        lines, data["strength"], diags = strength_lines(a.strength, add_per_seed, plan["strength"])
+        lines, data["strength"], diags = strength_lines(a.strength, add_per_seed, add_missed, plan["strength"])
         report += ["## The strength of the terms (exploratory; against the addition grid's grpo on the same seeds)",
                    "", *lines, "", *diags]
     text = "\n".join(report)
     write_atomic(a.out, text + "\n")
-    write_atomic(os.path.splitext(a.out)[0] + ".json", json.dumps(data, indent=1, default=float))
+    write_atomic(os.path.splitext(a.out)[0] + ".json", json.dumps(finite_or_null(data), indent=1, allow_nan=False))
     print(text)
     print(f"\nwrote {a.out}")
 

@@ -95,6 +95,10 @@ def test_primary_test_and_its_verdict(tmp_path, capsys, diffs, verdict):
     assert got["mean"] == pytest.approx(d.mean()) and got["t"] == pytest.approx(t)
     assert got["hi"] - got["mean"] == pytest.approx(2.571 * d.std(ddof=1) / math.sqrt(n))  # t_0.975 with 5 df
     assert got["paper_effect"] == pytest.approx(100 * (64.75 / 55.08 - 1) * np.mean(grpo))
+    # the p values and MDE of these differences, by experiments.py's functions (each tested on its own there)
+    assert got["p"] == pytest.approx(experiments.t_pvalue(t, n - 1))
+    assert got["p_wilcoxon"] == pytest.approx(experiments.wilcoxon_pvalue(d))
+    assert got["mde"] == pytest.approx(experiments.min_detectable_effect(d.std(ddof=1), n))
     assert f"**{verdict}**" in text and "203 (31.0%)" in text
     assert data["chain"]["seeds"] == CHAIN_SEEDS
 
@@ -104,7 +108,7 @@ def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsy
     write_diagnostics(tmp_path / "chain", CHAIN_SEEDS, "| the chain's diagnostics |\n")
     data, text = run(tmp_path, capsys)
     assert "| the chain's diagnostics |" in text
-    assert math.isnan(data["chain"]["primary"]["p"])  # every difference equal: t undefined, no verdict of an effect
+    assert data["chain"]["primary"]["p"] is None  # every difference equal: t undefined (null in the JSON), no verdict
     assert data["chain"]["primary"]["verdict"] == "no effect shown"
     assert data["addition"]["arms"]["grpo_ce_exits"]["avgk"]["mean"] == pytest.approx(-1.0)
     assert data["addition"]["ce_vs_lens"]["grpo_ce_exits"]["avgk"]["mean"] == pytest.approx(-1.0)
@@ -286,6 +290,12 @@ def test_each_grid_is_read_as_the_plans_grid_of_its_role(tmp_path, capsys):
     shutil.rmtree(tmp_path / "strength" / "logit1")
     shutil.move(tmp_path / "strength" / "logit10", tmp_path / "logit10")  # a planned grid missing
     assert "the plan's strength grids are logit10" in refusal(tmp_path, capsys, chain, add, strength)
+    shutil.move(tmp_path / "logit10", tmp_path / "strength" / "logit10")
+    main(tmp_path, [chain, add, strength, f"--out={tmp_path / 'x.md'}"])  # the plan's grids, each in its role
+    saved = json.load(open(tmp_path / "strength" / "logit10" / "summary.json"))["per_seed"]
+    moved = {"300": saved["300"], "302": saved["301"], "303": saved["302"]}  # 301 missed where the addition's did not
+    write_grid(tmp_path / "strength" / "logit10", moved, missed={"301": 0.2}, **LOGIT10)
+    assert "not the addition grid's: their warm-ups differ" in refusal(tmp_path, capsys, chain, add, strength)
     plan = json.loads((tmp_path / "plan.json").read_text())
     for broken in (dict(plan["grids"][0], valid="6"), dict(plan["grids"][0], args=["--no_such_flag=1"]),
                    dict(plan["grids"][0], args=[])):  # a count that is no int, a flag that is none, no chain grid
