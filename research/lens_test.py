@@ -29,57 +29,62 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from harness import parse_bool, refuse, write_atomic  # noqa: E402
 from oisd import arm_config, layer_list  # noqa: E402
 from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test, seed_folders  # noqa: E402
+from gradients import GradConfig, tables  # noqa: E402
 
 PRIMARY = "oisd_lens"  # the confirmatory comparison: final-layer Avg@K, oisd_lens - grpo, on the chain
 
 
 def grid_parts(paths):
-    """'dir' or 'dir1,dir2' -> [(summary.json, seed or None)], the grid's parts. A dir holding no summary.json but
-    seed<S>/summary.json (each seed's own, as its process wrote it and research/assets/lens/ keeps it) gives
-    one part per seed, with the seed its folder names."""
+    """'dir' or 'dir1,dir2' -> [(summary.json, seed or None, dir)], the grid's parts. A dir holding no
+    summary.json but seed<S>/summary.json (each seed's own, as its process wrote it and research/assets/lens/
+    keeps it) gives one part per seed, with the seed its folder names."""
     parts = []
     for path in paths.split(","):
         kept = seed_folders(path, "summary.json")
         if os.path.exists(os.path.join(path, "summary.json")) or not kept:
-            parts.append((os.path.join(path, "summary.json"), None))
+            parts.append((os.path.join(path, "summary.json"), None, path))
         else:
-            parts += [(summary, seed) for seed, summary in kept]
+            parts += [(summary, seed, path) for seed, summary in kept]
     return parts
+
+
+def is_number(v):
+    """A finite real number (not a bool, a string or null)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_grid(paths, grid):
     """'dir' or 'dir1,dir2' (one grid collected in parts, e.g. over two working sessions; see grid_parts) ->
-    (per_seed {seed: {row: measures}}, missed {seed: acc}, config), or exit 2 with one line. `grid` is the
-    plan's grid it must be: every part ran with its settings (planned_config: its out_dir, arms and flags,
-    defaults otherwise), a --skip_missed collection whose rows are the warm-up start and its arms, every
-    measure finite (a part may hold only missed seeds; a seed's own folder, only that seed); the parts share
-    no seed; and the grid is complete by the plan (check_complete)."""
-    per_seed, missed, expected, folders = {}, {}, planned_config(grid), False
+    (per_seed {seed: {row: measures}}, missed {seed: acc}, config, dirs {dir: (its valid seeds, its missed
+    seeds)}), or exit 2 with one line. `grid` is the plan's grid it must be: every part ran with its settings
+    (planned_config), a --skip_missed collection whose rows are the warm-up start and its arms, every measure
+    the report reads a finite number (a part may hold only missed seeds; a seed's own folder, only that seed);
+    the parts share no seed; and the grid is complete by the plan (check_complete)."""
+    per_seed, missed, expected, dirs = {}, {}, planned_config(grid), {}
     rows, L = {"warm-up start", *expected["arms"].split(",")}, expected["n_layer"]
     needed = {"avgk", f"acc_L{L}", *(f"{kind}acc_L{l}" for kind in ("", "lens_", "probe_") for l in range(1, L)),
               *(["step_acc"] if expected["task"] == "chain" else [])}  # what the report reads of an arm
-    for summary, folder_seed in grid_parts(paths):
-        path, folders = os.path.dirname(summary), folders or folder_seed is not None
+    for summary, folder_seed, top in grid_parts(paths):
+        path = os.path.dirname(summary)
         try:
             with open(summary) as f:
                 saved = json.load(f)
             part, part_missed, c = dict(saved["per_seed"]), dict(saved.get("missed", {})), dict(saved["config"])
             [int(s) for s in (*part, *part_missed)]
-            finite = all(math.isfinite(v) for row in part.values() for m in row.values() for v in m.values()
-                         if isinstance(v, (int, float)))
             part_rows = [set(r) for r in part.values()]
-            complete = all(needed <= set(m) for row in part.values() for name, m in row.items() if name != "warm-up start")
+            numbers = (all(is_number(m.get(k)) for row in part.values() for name, m in row.items()
+                           if name != "warm-up start" for k in needed) and all(map(is_number, part_missed.values())))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
-        differ = sorted(k for k in expected if k not in ("seeds", "resume") and c.get(k) != expected[k])
+        differ = sorted(k for k in expected if k not in ("seeds", "resume") and k in c and c[k] != expected[k])
         if differ:
             refuse(f"{path}: it ran with other settings than the plan's grid {grid['out_dir']} "
                    f"({', '.join(f'{k}={c.get(k)!r}' for k in differ)}): only the grids fixed in advance are tested")
         if not (part or part_missed) or any(r != rows for r in part_rows):
             refuse(f"{path}: it holds no seed, or a seed without the rows {', '.join(sorted(rows))}: collect it again")
-        if not finite or not complete:
-            refuse(f"{path}: a measure is {'not a finite number' if not finite else 'missing'} "
-                   f"(an arm needs {', '.join(sorted(needed))}): nothing is tested on it")
+        if not numbers:
+            refuse(f"{path}: a measure is missing or not a finite number (each arm's {', '.join(sorted(needed))}, "
+                   "each missed warm-up's accuracy): nothing is tested on it")
         if set(part) & set(part_missed):
             refuse(f"{path}: seeds {sorted(set(part) & set(part_missed), key=int)} are both valid and missed")
         if folder_seed is not None and set(part) | set(part_missed) != {folder_seed}:
@@ -88,10 +93,13 @@ def read_grid(paths, grid):
             refuse(f"{path}: a seed of it is already in an earlier part")
         per_seed.update(part)
         missed.update(part_missed)
+        valid_here, missed_here, _ = dirs.get(top, (set(), set(), False))
+        dirs[top] = (valid_here | set(part), missed_here | set(part_missed), folder_seed is not None)
     if not per_seed:
         refuse(f"{paths}: no seed of this grid reached RL: nothing to test")
-    check_complete(paths, per_seed, missed, grid, folders)
-    return per_seed, missed, dict(expected, seeds=",".join(sorted([*per_seed, *missed], key=int)))
+    check_complete(paths, per_seed, missed, grid, dirs)
+    return (per_seed, missed, dict(expected, seeds=",".join(sorted([*per_seed, *missed], key=int))),
+            {top: (valid, miss) for top, (valid, miss, _) in dirs.items()})
 
 
 def read_plan(path):
@@ -130,67 +138,76 @@ def planned_config(grid):
     return cfg
 
 
-def check_complete(paths, per_seed, missed, grid, folders):
+def check_complete(paths, per_seed, missed, grid, dirs):
     """Exit 2 with one line unless the grid holds exactly the plan's seeds: grid['valid'] valid ones, run from
     grid['first_seed'] with none skipped, the last one valid (research/seed_scheduler.py starts seeds in
     increasing order and none once enough are valid or running, so a complete grid ends on a valid seed).
-    Where a seed's log and exit status are kept beside its folder (seed<S>.log, seed<S>.rc, as
-    research/assets/lens/ keeps them; a grid read from seed folders must keep them), every seed must have
+    In each dir where seeds' logs and exit statuses are kept beside their folders (seed<S>.log, seed<S>.rc, as
+    research/assets/lens/ keeps them; a dir of seed folders must keep them), every seed of that dir must have
     both, every kept seed a summary, every status must be 0, and a log must report a missed warm-up exactly
-    when its summary does."""
+    when its summary does. dirs: {dir: (its valid seeds, its missed seeds, read from seed folders)}."""
     seeds = sorted(int(s) for s in [*per_seed, *missed])
     if (len(per_seed) != grid["valid"] or seeds != list(range(grid["first_seed"], seeds[-1] + 1))
             or str(seeds[-1]) not in per_seed):
         refuse(f"{paths}: {len(per_seed)} valid of seeds {','.join(map(str, seeds))}; the plan asks for {grid['valid']} "
                f"valid, run from {grid['first_seed']} with none skipped, the last one valid: the grid is not "
                "complete, and nothing is reported before it is")
-    kept = {}
-    for path in paths.split(","):
+    for path, (valid, miss, folders) in dirs.items():
+        kept = {}
         for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
             m = re.fullmatch(r"seed([0-9]+)\.(rc|log)", name)
             if m:
                 kept.setdefault(str(int(m[1])), {})[m[2]] = os.path.join(path, name)
-    if not kept and not folders:
-        return  # collected in one command (research/experiments.py --seeds=...): its logs are not kept apart
-    for s in sorted(set(kept) | set(map(str, seeds)), key=int):
-        files = kept.get(s, {})
-        if set(files) != {"rc", "log"}:
-            refuse(f"{paths}: seed {s} has no kept {'log' if 'log' not in files else 'exit status'} (seed{s}.rc and "
-                   f"seed{s}.log beside its folder)")
-        if s not in per_seed and s not in missed:
-            refuse(f"{files['rc']}: seed {s} ran but has no summary: it did not finish; resume it")
-        try:
-            with open(files["rc"]) as f:
-                status = f.read().strip()
-            with open(files["log"]) as f:
-                log_missed = f"seed {s}: warm-up missed" in f.read()
-        except OSError as e:
-            refuse(f"{paths}: seed {s}'s kept log or exit status cannot be read ({e.strerror or type(e).__name__})")
-        if status != "0":
-            refuse(f"{files['rc']}: seed {s} ended with status {status!r}: resume it")
-        if log_missed != (s in missed):
-            refuse(f"{files['log']}: the log {'reports' if log_missed else 'does not report'} a missed warm-up and "
-                   f"the summary {'does not' if log_missed else 'does'}")
+        if not kept and not folders:
+            continue  # collected in one command (research/experiments.py --seeds=...): its logs are not kept apart
+        for s in sorted(set(kept) | valid | miss, key=int):
+            files = kept.get(s, {})
+            if set(files) != {"rc", "log"}:
+                refuse(f"{path}: seed {s} has no kept {'log' if 'log' not in files else 'exit status'} (seed{s}.rc "
+                       f"and seed{s}.log beside its folder)")
+            if s not in valid and s not in miss:
+                refuse(f"{files['rc']}: seed {s} ran but has no summary here: it did not finish; resume it")
+            try:
+                with open(files["rc"]) as f:
+                    status = f.read().strip()
+                with open(files["log"]) as f:
+                    log_missed = f"seed {s}: warm-up missed" in f.read()
+            except OSError as e:
+                refuse(f"{path}: seed {s}'s kept log or exit status cannot be read ({e.strerror or type(e).__name__})")
+            if status != "0":
+                refuse(f"{files['rc']}: seed {s} ended with status {status!r}: resume it")
+            if log_missed != (s in miss):
+                refuse(f"{files['log']}: the log {'reports' if log_missed else 'does not report'} a missed warm-up and "
+                       f"the summary {'does not' if log_missed else 'does'}")
 
 
-def diagnostics(path, per_seed, missed, title="Where the gradient goes"):
-    """The lines of path/gradients.md (research/gradients.py) if it is there, or exit 2 with one line unless
-    its gradients.json measured exactly the grid's valid seeds (and, as missed, none but its missed ones):
-    the diagnostics of a grid in parts are merged over the whole grid, not kept in one part."""
-    md, js = os.path.join(path, "gradients.md"), os.path.join(path, "gradients.json")
-    if not os.path.exists(md):
+def diagnostics(path, valid, missed, grid, title="Where the gradient goes"):
+    """The diagnostics research/gradients.py kept in path (gradients.json; its tables rendered from it, so the
+    text cannot disagree with the numbers), or [] if none is there. Exit 2 with one line unless they were
+    measured on exactly path's valid seeds (as missed, none but its missed ones), with the planned grid's
+    settings, on some of its arms."""
+    js = os.path.join(path, "gradients.json")
+    if not os.path.exists(js):
+        if os.path.exists(os.path.join(path, "gradients.md")):
+            refuse(f"{path}: gradients.md without its gradients.json: run research/gradients.py --merge={path}")
         return []
     try:
         with open(js) as f:
             saved = json.load(f)
-        measured, unmeasured = set(saved["per_seed"]), set(saved["missed"])
-        text = open(md).read().strip()
+        measured, unmeasured, config = dict(saved["per_seed"]), set(saved["missed"]), dict(saved["config"])
+        cfg = GradConfig(**config)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        refuse(f"{js}: not the diagnostics beside {md} ({type(e).__name__}); run research/gradients.py --merge")
-    if measured != set(per_seed) or not unmeasured <= set(missed):
-        refuse(f"{md}: it measured seeds {sorted(measured, key=int)}, the grid's valid seeds are "
-               f"{sorted(per_seed, key=int)}: run research/gradients.py on the grid again")
-    return [f"{title} ({md}):", "", text, ""]
+        refuse(f"{js}: not research/gradients.py's diagnostics ({type(e).__name__}); run research/gradients.py --merge")
+    if set(measured) != set(valid) or not unmeasured <= set(missed):
+        refuse(f"{js}: it measured seeds {sorted(measured, key=int)}, the valid seeds here are {sorted(valid, key=int)}: "
+               "run research/gradients.py on them again")
+    expected = planned_config(grid)
+    differ = sorted(k for k in expected if k not in ("seeds", "resume", "out_dir", "arms") and config.get(k) != expected[k])
+    if differ or not set(cfg.arms.split(",")) <= set(expected["arms"].split(",")):
+        refuse(f"{js}: measured with other settings or arms than the plan's grid {grid['out_dir']} "
+               f"({', '.join(differ) or 'arms'})")
+    return [f"{title} ({os.path.join(path, 'gradients.md')}):", "",
+            tables(dict(sorted(measured.items(), key=lambda sm: int(sm[0]))), cfg.arms.split(","), cfg).strip(), ""]
 
 
 def compare(per_seed, arm, base, key):
@@ -279,8 +296,8 @@ def strength_lines(strength_dir, add_per_seed, add_missed, planned):
                f"{', '.join(sorted(names))}, each in its own folder: every one of them, nothing else")
     for name, g in sorted(names.items()):
         grid = os.path.join(strength_dir, name)
-        per_seed, missed, c = read_grid(grid, g)
-        diags += diagnostics(grid, per_seed, missed, "AdamW update per group")
+        per_seed, missed, c, dirs = read_grid(grid, g)
+        diags += diagnostics(grid, *dirs[grid], g, "AdamW update per group")
         (arm,) = [r for r in next(iter(per_seed.values())) if r != "warm-up start"]
         if not set(per_seed) <= set(add_per_seed) or not set(missed) <= set(add_missed):
             refuse(f"{grid}: its valid and missed seeds are not the addition grid's: their warm-ups differ; run both "
@@ -327,7 +344,7 @@ def main(argv=None):
     if a.strength and not a.addition:
         refuse("--strength needs --addition: its grids are paired with the addition grid's grpo")
     for name, path in (("chain", a.chain), ("addition", a.addition)) if a.addition else (("chain", a.chain),):
-        per_seed, missed, c = read_grid(path, plan[name])
+        per_seed, missed, c, dirs = read_grid(path, plan[name])
         arms = [r for r in next(iter(per_seed.values())) if r not in ("warm-up start", "grpo")]
         seeds = sorted(per_seed, key=int)
         report += [f"## {name} (`{path}`): {len(seeds)} valid seeds ({','.join(seeds)}); missed warm-ups (no RL): "
@@ -346,8 +363,8 @@ def main(argv=None):
             report += [f"`grpo_ce_exits` against `{PRIMARY}`:", ""] + lines + [""]
         if name == "addition":
             add_per_seed, add_missed = per_seed, missed  # the strength grids' grpo: the same seeds and warm-ups
-        for part in path.split(","):
-            report += diagnostics(part, per_seed, missed)
+        for part, (valid, miss) in dirs.items():
+            report += diagnostics(part, valid, miss, plan[name])
     if a.strength:
         lines, data["strength"], diags = strength_lines(a.strength, add_per_seed, add_missed, plan["strength"])
         report += ["## The strength of the terms (exploratory; against the addition grid's grpo on the same seeds)",

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import experiments  # noqa: E402
+import gradients  # noqa: E402
 import lens_test  # noqa: E402
 
 L = 4
@@ -64,10 +65,12 @@ def grids(tmp_path, lens_minus_grpo):
     return grpo
 
 
-def write_diagnostics(path, seeds, text):
-    """path/gradients.md and the gradients.json beside it, as research/gradients.py writes them, of seeds."""
-    (path / "gradients.md").write_text(text)
-    (path / "gradients.json").write_text(json.dumps({"config": {}, "per_seed": {s: {} for s in seeds}, "missed": {}}))
+def write_diagnostics(path, seeds, settings, **changed):
+    """path/gradients.json as research/gradients.py --merge writes it: measured on seeds with the grid's settings
+    (but `changed`), every measure absent (the report renders its tables from it)."""
+    cfg = dataclasses.asdict(gradients.GradConfig(**dict(settings, skip_missed=True, out_dir=str(path), **changed)))
+    measures = {s: {a: {"start": {}, "end": {}} for a in cfg["arms"].split(",")} for s in seeds}
+    (path / "gradients.json").write_text(json.dumps({"config": cfg, "per_seed": measures, "missed": {}}))
 
 
 def main(tmp_path, args):
@@ -105,9 +108,9 @@ def test_primary_test_and_its_verdict(tmp_path, capsys, diffs, verdict):
 
 def test_secondaries_and_strength_are_paired_with_the_same_seeds(tmp_path, capsys):
     grids(tmp_path, [0.01] * 6)
-    write_diagnostics(tmp_path / "chain", CHAIN_SEEDS, "| the chain's diagnostics |\n")
+    write_diagnostics(tmp_path / "chain", CHAIN_SEEDS, CHAIN)
     data, text = run(tmp_path, capsys)
-    assert "| the chain's diagnostics |" in text
+    assert "# Where the gradient goes: 6 seed(s), 200, 201, 202, 204, 205, 206" in text
     assert data["chain"]["primary"]["p"] is None  # every difference equal: t undefined (null in the JSON), no verdict
     assert data["chain"]["primary"]["verdict"] == "no effect shown"
     assert data["addition"]["arms"]["grpo_ce_exits"]["avgk"]["mean"] == pytest.approx(-1.0)
@@ -168,6 +171,18 @@ def test_a_grid_collected_in_two_parts_reads_as_one(tmp_path, capsys):
     main(tmp_path, [f"--chain={tmp_path / 'p1'},{tmp_path / 'p2'}", *out])
     parts = json.load(open(tmp_path / "parts.json"))
     assert parts["chain"] == whole["chain"]  # the same seeds, misses, tests
+    for name, part in (("p1", seeds[:2]), ("p2", seeds[2:])):  # each part with the diagnostics of its own seeds
+        write_diagnostics(tmp_path / name, part, CHAIN)
+    main(tmp_path, [f"--chain={tmp_path / 'p1'},{tmp_path / 'p2'}", *out])
+    text = (tmp_path / "parts.md").read_text()
+    assert "2 seed(s), 200, 201" in text and "4 seed(s), 202, 204, 205, 206" in text
+    kept = kept_seeds(tmp_path)  # the second part kept seed by seed, the first collected
+    for s in seeds[:2] + list(saved["missed"]):
+        shutil.rmtree(kept / f"seed{s}")
+        (kept / f"seed{s}.rc").unlink()
+        (kept / f"seed{s}.log").unlink()
+    main(tmp_path, [f"--chain={tmp_path / 'p1'},{kept}", *out])
+    assert json.load(open(tmp_path / "parts.json"))["chain"] == whole["chain"]
     for bad in ("p1,p1", "p1,add"):  # a seed twice; another setting
         with pytest.raises(SystemExit) as e:
             main(tmp_path, [f"--chain={','.join(str(tmp_path / b) for b in bad.split(','))}", *out])
@@ -196,16 +211,25 @@ def test_a_folder_of_each_seeds_own_summary_reads_as_the_grid(tmp_path, capsys):
     grids(tmp_path, [0.03, -0.05, 0.04, -0.02, 0.01, -0.01])
     whole, _ = run(tmp_path, capsys)
     seeds = kept_seeds(tmp_path, tmp_path / "seeds")
-    write_diagnostics(seeds, CHAIN_SEEDS, "| the diagnostics of every seed |\n")
+    write_diagnostics(seeds, CHAIN_SEEDS, dict(CHAIN, arms="grpo,oisd_lens"))  # some of the grid's arms
     out = [f"--addition={tmp_path / 'add'}", f"--out={tmp_path / 'seeds.md'}"]
     main(tmp_path, [f"--chain={seeds}", *out])
     assert json.load(open(tmp_path / "seeds.json"))["chain"] == whole["chain"]
-    assert "| the diagnostics of every seed |" in (tmp_path / "seeds.md").read_text()
-    write_diagnostics(seeds, CHAIN_SEEDS[:-1], "| the diagnostics of five seeds |\n")  # a stale merge
+    assert "# Where the gradient goes: 6 seed(s), 200, 201, 202, 204, 205, 206" in (tmp_path / "seeds.md").read_text()
+    for stale, message in ((dict(seeds=CHAIN_SEEDS[:-1]), "run research/gradients.py on them again"),  # a merge of 5
+                           (dict(changed=dict(lambda_logit=10.0)), "other settings or arms"),
+                           (dict(changed=dict(arms="grpo,oisd_pos")), "other settings or arms")):
+        write_diagnostics(seeds, stale.get("seeds", CHAIN_SEEDS), CHAIN, **stale.get("changed", {}))
+        with pytest.raises(SystemExit) as e:
+            main(tmp_path, [f"--chain={seeds}", *out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, (message, err)
+    (seeds / "gradients.json").unlink()
+    (seeds / "gradients.md").write_text("tables without their numbers\n")
     with pytest.raises(SystemExit) as e:
         main(tmp_path, [f"--chain={seeds}", *out])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "run research/gradients.py on the grid again" in err and err.count("\n") == 1, err
+    assert e.value.code == 2 and "gradients.md without its gradients.json" in capsys.readouterr().err
+    (seeds / "gradients.md").unlink()
     only_missed = tmp_path / "missed_only" / "seed203"
     write_grid(only_missed, {}, missed={"203": 0.31}, **CHAIN, seeds="203", out_dir="runs/chain")
     with pytest.raises(SystemExit) as e:
@@ -228,8 +252,8 @@ def test_nothing_is_reported_before_the_plans_seeds_are_complete(tmp_path, capsy
     main(tmp_path, [f"--chain={kept}", f"--out={tmp_path / 'kept.md'}"])  # complete: reported
     assert "Primary" in capsys.readouterr().out
     saved = json.load(open(tmp_path / "chain" / "summary.json"))
-    nan = json.loads(json.dumps(saved["per_seed"]))
-    nan["204"]["oisd_lens"]["avgk"] = float("nan")
+    nan, null, text = (json.loads(json.dumps(saved["per_seed"])) for _ in range(3))
+    nan["204"]["oisd_lens"]["avgk"], null["204"]["grpo"]["step_acc"], text["200"]["grpo"]["acc_L4"] = math.nan, None, "0.5"
     lacking = json.loads(json.dumps(saved["per_seed"]))
     del lacking["204"]["oisd_lens"]["avgk"]
     chain = tmp_path / "chain"
@@ -245,6 +269,9 @@ def test_nothing_is_reported_before_the_plans_seeds_are_complete(tmp_path, capsy
         (lambda: write_grid(chain, saved["per_seed"], missed={"203": 0.31}, **dict(CHAIN, digits=2)),
          "chain", "(digits=2)"),
         (lambda: write_grid(chain, nan, missed={"203": 0.31}, **CHAIN), "chain", "not a finite number"),
+        (lambda: write_grid(chain, null, missed={"203": 0.31}, **CHAIN), "chain", "not a finite number"),
+        (lambda: write_grid(chain, text, missed={"203": 0.31}, **CHAIN), "chain", "not a finite number"),
+        (lambda: write_grid(chain, saved["per_seed"], missed={"203": "31%"}, **CHAIN), "chain", "not a finite number"),
         (lambda: write_grid(chain, lacking, missed={"203": 0.31}, **CHAIN), "chain", "a measure is missing"),
         (lambda: write_grid(chain, {"2o4" if s == "204" else s: m for s, m in saved["per_seed"].items()},
                             missed={"203": 0.31}, **CHAIN), "chain", "is not a grid summary (ValueError)"),
