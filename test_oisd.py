@@ -817,36 +817,53 @@ def test_bf16_rollout_and_training_logprobs_agree_for_every_arm(arm, monkeypatch
     assert (logp - old_logp)[valid].abs().max() < 1e-3, (logp - old_logp)[valid].abs().max()
 
 
-def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path, monkeypatch):
-    """--compile: the compiled forward pads rollouts to fixed shapes and compiles before the timed steps;
-    then it gives the eager loss step after step without compiling again, for one arm after another (a
-    grid compiles every arm: a stale cache must not push a later arm into eager fallback)."""
-    import torch._dynamo
-    env = tiny_env(tmp_path, n_layer=2, compile=True)
+def compiled_steps_match_eager(env, arm, steps=2):
+    """compile_forward on a fresh model of arm, then `steps` RL steps of it and of an eager twin: the losses and
+    rewards agree, compile_forward compiled something and leaves no gradient, and the steps compile nothing."""
     counters = torch._dynamo.utils.counters
+    cfg = oisd.arm_config(env.cfg, arm)
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = GPT(env.model_config(cfg))
+    before = counters["stats"]["unique_graphs"]
+    forward, seconds = harness.compile_forward(env, cfg, models["compiled"], oisd.rl_loss)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before, arm  # compiled, not fallen back to eager
+    assert seconds > 0 and all(p.grad is None for p in models["compiled"].parameters())
+    opts = {name: oisd.make_optimizer(m, 1e-3, "cpu") for name, m in models.items()}
+    gens = {name: torch.Generator().manual_seed(0) for name in models}
+    rng = random.Random(0)
+    for step in range(steps):
+        problems = sample_problems(env.task, rng, 4, env.exclude)
+        eager = oisd.rl_step(env, cfg, models["eager"], opts["eager"], problems, gens["eager"])
+        compiled = oisd.rl_step(env, cfg, models["compiled"], opts["compiled"], problems, gens["compiled"], forward)
+        for key in eager:
+            if key.startswith("loss_") or key == "reward":
+                assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), (arm, step, key)
+    assert counters["stats"]["unique_graphs"] == graphs, arm  # nothing compiled after compile_forward
+
+
+def test_compiled_rl_steps_match_eager_and_do_not_recompile(tmp_path):
+    """--compile (inductor): the compiled forward of an OISD arm (exits and attention rows) pads rollouts to
+    fixed shapes and compiles before the timed steps; then it gives the eager loss step after step without
+    compiling again."""
+    import torch._dynamo
+    compiled_steps_match_eager(tiny_env(tmp_path, n_layer=2, compile=True), "oisd_pos")
+    torch._dynamo.reset()
+
+
+def test_each_arm_compiles_afresh(tmp_path, monkeypatch):
+    """A grid compiles every arm, one after another: each compiles afresh, so a stale cache never pushes a later
+    arm into eager fallback. Graph capture alone decides this, so torch.compile runs here without code
+    generation (backend 'eager'), which costs seconds, not a minute, cold."""
+    import torch._dynamo
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # one arm's two graphs: a second arm needs a fresh cache
-    for arm in ("grpo", "oisd_pos"):
-        cfg = oisd.arm_config(env.cfg, arm)
-        models = {}
-        for name in ("eager", "compiled"):
-            torch.manual_seed(0)
-            models[name] = GPT(env.model_config(cfg))
-        before = counters["stats"]["unique_graphs"]
-        forward, seconds = harness.compile_forward(env, cfg, models["compiled"], oisd.rl_loss)
-        graphs = counters["stats"]["unique_graphs"]
-        assert graphs > before, arm  # compiled, not fallen back to eager
-        assert seconds > 0 and all(p.grad is None for p in models["compiled"].parameters())
-        opts = {name: oisd.make_optimizer(m, 1e-3, "cpu") for name, m in models.items()}
-        gens = {name: torch.Generator().manual_seed(0) for name in models}
-        rng = random.Random(0)
-        for step in range(2):
-            problems = sample_problems(env.task, rng, 4, env.exclude)
-            eager = oisd.rl_step(env, cfg, models["eager"], opts["eager"], problems, gens["eager"])
-            compiled = oisd.rl_step(env, cfg, models["compiled"], opts["compiled"], problems, gens["compiled"], forward)
-            for key in eager:
-                if key.startswith("loss_") or key == "reward":
-                    assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), (arm, step, key)
-        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after compile_forward
+    env = tiny_env(tmp_path, n_layer=2, compile=True)
+    for arm in ("grpo", "oisd_pos", "oisd_lens"):
+        compiled_steps_match_eager(env, arm, steps=1)
     torch._dynamo.reset()
 
 
