@@ -17,6 +17,7 @@ exactly its valid seeds). Writes --out (markdown) and the same numbers as JSON n
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,10 +27,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, one folder up
-from harness import parse_bool, refuse, write_atomic  # noqa: E402
-from oisd import arm_config, layer_list  # noqa: E402
+from harness import parse_args, refuse, write_atomic  # noqa: E402
+from oisd import METHOD, arm_config, layer_list  # noqa: E402
 from experiments import PAPER_RELATIVE_GAIN, ExpConfig, paired_test, seed_folders  # noqa: E402
-from gradients import GradConfig, tables  # noqa: E402
+from gradients import GradConfig, finite_or_none, tables  # noqa: E402
 
 PRIMARY = "oisd_lens"  # the confirmatory comparison: final-layer Avg@K, oisd_lens - grpo, on the chain
 
@@ -76,7 +77,7 @@ def read_grid(paths, grid):
                            if name != "warm-up start" for k in needed) and all(map(is_number, part_missed.values())))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             refuse(f"{path}/summary.json is not a grid summary ({type(e).__name__}); collect the grid first")
-        differ = sorted(k for k in expected if k not in ("seeds", "resume") and k in c and c[k] != expected[k])
+        differ = settings_differ(c, expected)
         if differ:
             refuse(f"{path}: it ran with other settings than the plan's grid {grid['out_dir']} "
                    f"({', '.join(f'{k}={c.get(k)!r}' for k in differ)}): only the grids fixed in advance are tested")
@@ -125,17 +126,22 @@ def read_plan(path):
 
 
 def planned_config(grid):
-    """The settings a planned grid's every seed ran with, as research/seed_scheduler.py runs it: today's
-    defaults, then the grid's args (--key=value), its out_dir and --skip_missed (--seeds and --resume
-    aside). Raises ValueError on an arg that is no flag of research/experiments.py."""
-    cfg = dict(dataclasses.asdict(ExpConfig()), out_dir=grid["out_dir"], skip_missed=True)
-    for arg in grid["args"]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in cfg or not arg.startswith("--"):
-            raise ValueError(arg)
-        kind = type(cfg[key])
-        cfg[key] = parse_bool(value) if kind is bool else kind(value)
-    return cfg
+    """The settings a planned grid's every seed ran with, as research/seed_scheduler.py runs it: the grid's
+    args read by research/experiments.py's own flag parser (today's defaults otherwise), its out_dir and
+    --skip_missed (--seeds and --resume aside). Raises ConfigError (a ValueError) on a bad arg."""
+    return dict(parsed_flags(tuple(grid["args"])), out_dir=grid["out_dir"], skip_missed=True)
+
+
+@functools.lru_cache(maxsize=None)
+def parsed_flags(args):
+    """research/experiments.py's settings from a tuple of its flags, as a dict (its checks take 0.1 s: once each)."""
+    return dataclasses.asdict(parse_args(list(args), ExpConfig, "research/experiments.py", **METHOD))
+
+
+def settings_differ(config, expected, aside=("seeds", "resume")):
+    """The settings of a saved config that differ from expected, but those aside; a flag the config lacks
+    (added after it was saved) is not compared."""
+    return sorted(k for k in expected if k not in aside and k in config and config[k] != expected[k])
 
 
 def check_complete(paths, per_seed, missed, grid, dirs):
@@ -202,7 +208,7 @@ def diagnostics(path, valid, missed, grid, title="Where the gradient goes"):
         refuse(f"{js}: it measured seeds {sorted(measured, key=int)}, the valid seeds here are {sorted(valid, key=int)}: "
                "run research/gradients.py on them again")
     expected = planned_config(grid)
-    differ = sorted(k for k in expected if k not in ("seeds", "resume", "out_dir", "arms") and config.get(k) != expected[k])
+    differ = settings_differ(config, expected, aside=("seeds", "resume", "out_dir", "arms"))
     if differ or not set(cfg.arms.split(",")) <= set(expected["arms"].split(",")):
         refuse(f"{js}: measured with other settings or arms than the plan's grid {grid['out_dir']} "
                f"({', '.join(differ) or 'arms'})")
@@ -324,7 +330,7 @@ def finite_or_null(x):
     if isinstance(x, (list, tuple)):
         return [finite_or_null(v) for v in x]
     if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
+        return finite_or_none(float(x))
     return int(x) if isinstance(x, np.integer) else x
 
 
