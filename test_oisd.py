@@ -820,6 +820,7 @@ def test_bf16_rollout_and_training_logprobs_agree_for_every_arm(arm, monkeypatch
 def compiled_steps_match_eager(env, arm, steps=2):
     """compile_forward on a fresh model of arm, then `steps` RL steps of it and of an eager twin: the losses and
     rewards agree, compile_forward compiled something and leaves no gradient, and the steps compile nothing."""
+    import torch._dynamo
     counters = torch._dynamo.utils.counters
     cfg = oisd.arm_config(env.cfg, arm)
     models = {}
